@@ -1,0 +1,1 @@
+"""herd: run Meta's Llama 4 on your own Ray cluster. This package holds only the `herd` command line."""

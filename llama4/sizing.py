@@ -1,0 +1,134 @@
+"""Sizing arithmetic for Llama 4: parameter counts, bytes per weight dtype, KV-cache bytes per token.
+
+The cluster planner and the engine's KV-cache allocator both use these functions, so a plan's memory figures
+and what the engine allocates agree by construction. Counts are for the text model (the published 109B/400B
+totals include the vision encoder).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llama4.config import TextConfig
+
+# Bytes per parameter for weights, by the dtype names users write in cluster files.
+# int4: 4-bit weights with one bf16 scale per group of 128 (0.5 + 2/128 bytes per weight).
+INT4_GROUP_SIZE = 128
+WEIGHT_DTYPE_BYTES: dict[str, float] = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2.0 / INT4_GROUP_SIZE, "fp32": 4.0}
+KV_DTYPE_BYTES: dict[str, float] = {"bf16": 2.0, "fp8": 1.0, "fp32": 4.0}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Text-model parameter counts by component."""
+
+    embed: int
+    lm_head: int
+    attention: int  # q, k, v, o over all layers
+    norms: int
+    dense_mlp: int  # the dense SwiGLU layers
+    shared_experts: int
+    routers: int
+    routed_experts: int  # all routed experts of all MoE layers
+    active_routed: int  # routed-expert parameters one token uses (top-k experts per MoE layer)
+
+    @property
+    def non_expert(self) -> int:
+        """Everything but the routed experts: the part replicated on every node of a replica."""
+        return self.total - self.routed_experts
+
+    @property
+    def total(self) -> int:
+        return (self.embed + self.lm_head + self.attention + self.norms + self.dense_mlp + self.shared_experts
+                + self.routers + self.routed_experts)
+
+    @property
+    def active(self) -> int:
+        """Parameters used per token (the "17B active" figure)."""
+        return self.non_expert + self.active_routed
+
+
+def expert_params(cfg: TextConfig) -> int:
+    """Parameters of one routed expert (gate, up and down projections)."""
+    return 3 * cfg.hidden_size * cfg.intermediate_size
+
+
+def param_counts(cfg: TextConfig) -> ParamCounts:
+    """Count parameters by component from the config alone (no weights needed)."""
+    h, L = cfg.hidden_size, cfg.num_hidden_layers
+    q = h * cfg.num_attention_heads * cfg.head_dim
+    kv = 2 * h * cfg.num_key_value_heads * cfg.head_dim
+    n_moe = cfg.num_moe_layers
+    return ParamCounts(
+        embed=cfg.vocab_size * h,
+        lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h,
+        attention=L * (2 * q + kv),
+        norms=(2 * L + 1) * h,
+        dense_mlp=(L - n_moe) * 3 * h * cfg.intermediate_size_mlp,
+        shared_experts=n_moe * expert_params(cfg),
+        routers=n_moe * cfg.num_local_experts * h,
+        routed_experts=n_moe * cfg.num_local_experts * expert_params(cfg),
+        active_routed=n_moe * cfg.num_experts_per_tok * expert_params(cfg),
+    )
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Bytes of weights, split the way the serving layout splits them."""
+
+    non_expert: float  # replicated per node (tensor-parallel within it)
+    routed_experts: float  # partitioned over all workers of a replica
+
+    @property
+    def total(self) -> float:
+        return self.non_expert + self.routed_experts
+
+
+def weight_bytes(cfg: TextConfig, dtype: str) -> WeightBytes:
+    """Weight bytes for a weight dtype as Meta released or commonly quantises Llama 4.
+
+    - bf16: everything in bf16.
+    - fp8: routed experts in fp8 (one fp32 scale per output row), the rest bf16 (Meta's FP8 release).
+    - int4: every linear weight (attention, MLPs, experts, router, lm_head) 4-bit with bf16 group scales;
+      embeddings and norms stay bf16.
+    """
+    if dtype not in WEIGHT_DTYPE_BYTES:
+        raise ValueError(f"weight dtype {dtype!r} unknown; choose one of {sorted(WEIGHT_DTYPE_BYTES)}")
+    c = param_counts(cfg)
+    if dtype in ("bf16", "fp32"):
+        b = WEIGHT_DTYPE_BYTES[dtype]
+        return WeightBytes(c.non_expert * b, c.routed_experts * b)
+    if dtype == "fp8":
+        rows = cfg.num_moe_layers * cfg.num_local_experts * (2 * cfg.intermediate_size + cfg.hidden_size)
+        return WeightBytes(c.non_expert * 2.0, c.routed_experts * 1.0 + rows * 4.0)
+    q = WEIGHT_DTYPE_BYTES["int4"]
+    plain = c.embed + c.norms  # not linear layers: kept in bf16
+    return WeightBytes((c.non_expert - plain) * q + plain * 2.0, c.routed_experts * q)
+
+
+@dataclass(frozen=True)
+class KVBytesPerToken:
+    """KV-cache bytes one token costs in one layer of each kind, and over the whole model."""
+
+    per_layer: float  # K and V for one token in one layer
+    chunked_layers: int  # RoPE layers: keep at most `attention_chunk_size` tokens per sequence
+    global_layers: int  # NoPE layers: keep the whole context
+    chunk_size: int
+
+    def sequence_bytes(self, context_len: int) -> float:
+        """Cache bytes one sequence of `context_len` tokens holds at most."""
+        local = min(context_len, self.chunk_size)
+        return self.per_layer * (self.chunked_layers * local + self.global_layers * context_len)
+
+
+def kv_bytes_per_token(cfg: TextConfig, kv_dtype: str = "bf16") -> KVBytesPerToken:
+    """Bytes per cached token per layer (K and V), and how many layers of each kind there are."""
+    if kv_dtype not in KV_DTYPE_BYTES:
+        raise ValueError(f"KV-cache dtype {kv_dtype!r} unknown; choose one of {sorted(KV_DTYPE_BYTES)}")
+    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * KV_DTYPE_BYTES[kv_dtype]
+    return KVBytesPerToken(per_layer, cfg.num_chunked_layers, cfg.num_global_layers, cfg.attention_chunk_size)
+
+
+def max_sequences(cfg: TextConfig, budget_bytes: float, context_len: int, kv_dtype: str = "bf16") -> int:
+    """How many full-context sequences fit a KV-cache budget (chunked layers capped at the chunk)."""
+    per_seq = kv_bytes_per_token(cfg, kv_dtype).sequence_bytes(context_len)
+    return int(budget_bytes // per_seq) if per_seq > 0 else 0

@@ -1,0 +1,120 @@
+"""Shared test scaffolding: one two-node Ray cluster on loopback, a loopback S3 server, tiny checkpoints.
+
+Everything here is real (Ray, moto's standalone S3 server reached through boto3); only the sizes are small.
+"""
+from __future__ import annotations
+
+import os
+
+# Before anything imports ray: keep every Ray listener on loopback (see shared/NOTES-stack.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "2")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# DeepSpeed's CPU ops compile once per machine into this ignored folder, then are reused.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_REPO, ".cache", "torch_extensions"))
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import torch
+
+torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody is listening on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster on 127.0.0.1, shared by every test of the session.
+
+    Each simulated node declares 4 CPUs (fractional requests let several workers share this 2-core machine)
+    and a custom resource `node0` / `node1`, so tests can place work on a given node.
+    Yields the `ray.cluster_utils.Cluster`; `ray` is initialised against it.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 4,
+            "resources": {"node0": 1},
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+        },
+    )
+    cluster.add_node(num_cpus=4, resources={"node1": 1}, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=True)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3-protocol server on a free loopback port. Yields its endpoint URL.
+
+    Credentials are dummies set in the environment so boto3 and pyarrow both sign requests.
+    """
+    port = free_port()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the loopback S3 server; yields (endpoint_url, bucket_name)."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return s3_server, name
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
