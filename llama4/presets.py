@@ -27,7 +27,7 @@ _RELEASED_COMMON: dict[str, Any] = {
     "attention_chunk_size": 8192,
     "floor_scale": 8192,
     "attn_scale": 0.1,
-    "attn_temperature_tuning": 4,  # as released: an int where a bool is meant
+    "attn_temperature_tuning": True,  # early releases wrote 4; transformers 5 rejects a non-bool
     "num_experts_per_tok": 1,
     "rms_norm_eps": 1e-5,
 }
@@ -91,7 +91,7 @@ def _tiny(**over: Any) -> dict[str, Any]:
         "attention_chunk_size": 32,
         "floor_scale": 32,
         "attn_scale": 0.1,
-        "attn_temperature_tuning": 4,
+        "attn_temperature_tuning": True,
         "num_experts_per_tok": 1,
         "rms_norm_eps": 1e-5,
         "max_position_embeddings": 4096,

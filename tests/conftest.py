@@ -118,3 +118,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _make_checkpoint(tmp_path_factory, preset: str):
+    from llama4.checkpoint import create_checkpoint
+
+    return create_checkpoint(preset, tmp_path_factory.mktemp(preset) / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def scout_tiny(tmp_path_factory) -> Path:
+    """Folder of a `scout-tiny` checkpoint in the released HF layout (seed 0), made once per session."""
+    return _make_checkpoint(tmp_path_factory, "scout-tiny")
+
+
+@pytest.fixture(scope="session")
+def maverick_tiny(tmp_path_factory) -> Path:
+    """Folder of a `maverick-tiny` checkpoint (128 experts, dense/MoE interleave), made once per session."""
+    return _make_checkpoint(tmp_path_factory, "maverick-tiny")
