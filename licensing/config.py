@@ -1,0 +1,93 @@
+"""The licensing config users write (YAML): where the store is, the key, column names, sketch size, alert levels.
+
+A closed schema: unknown keys are rejected with a "did you mean", values are bounded. Environment variables
+(`HERD_LICENSING_STORE`, `HERD_LICENSING_KEY`) win over nothing but lose to explicit flags; the key is better kept
+in the environment (or a secret manager feeding it) than in a file.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from herd.errors import UserError
+from licensing.sketch import DEFAULT_LG_K, MAX_LG_K, MIN_LG_K
+
+
+class Columns(BaseModel):
+    """Names of the columns (Parquet) or fields (JSONL) in product activity logs."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field("user_id", description="The user's ID (string or integer); hashed at once, never stored.")
+    timestamp: str = Field("timestamp", description="Event time: epoch seconds, or an ISO-8601 / Parquet timestamp "
+                                                    "(UTC unless it carries a zone).")
+    product: str = Field("product", description="Which product or service the user was active in.")
+    affiliate: str = Field("affiliate", description="Which affiliate (company) runs it; a missing column or empty "
+                                                    "value means the licensee itself.")
+
+
+class LicensingConfig(BaseModel):
+    """Settings for `herd license` and `licensing.MauTracker`."""
+
+    model_config = ConfigDict(extra="forbid")
+    store: str | None = Field(None, description="Local directory or s3://bucket/prefix "
+                                                "(default: $HERD_LICENSING_STORE, else ./herd-data/licensing).")
+    endpoint_url: str | None = Field(None, description="S3 endpoint for an S3-compatible store (MinIO, Ceph); "
+                                                       "default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL.")
+    key: SecretStr | None = Field(None, description="Hashing key (32 hex digits); prefer $HERD_LICENSING_KEY.")
+    lg_k: int = Field(DEFAULT_LG_K, ge=MIN_LG_K, le=MAX_LG_K,
+                      description="log2 of HLL registers per sketch: 14 gives 0.81% standard error, 16 KiB raw.")
+    alert_levels: list[float] = Field([50.0, 80.0, 90.0, 100.0],
+                                      description="Percentages of the 700M threshold that raise an alert.")
+    flush_interval_s: float = Field(60.0, gt=0, le=86400, description="How often a live tracker flushes its sketches.")
+    chunk_rows: int = Field(1_000_000, ge=1000, le=50_000_000,
+                            description="Rows per acknowledged ingest chunk (memory vs. work redone after a crash).")
+    affiliate: str = Field("", description="Affiliate recorded by a live tracker when none is passed.")
+    columns: Columns = Field(default_factory=Columns, description="Column names in product activity logs.")
+
+    @field_validator("alert_levels")
+    @classmethod
+    def _levels(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not 0 < x <= 1000]
+        if bad:
+            raise ValueError(f"alert levels must be percentages in (0, 1000], got {bad}")
+        return sorted(set(v))
+
+
+def _did_you_mean(loc: tuple, model: type[BaseModel]) -> str:
+    fields = model.model_fields
+    for part in loc[:-1]:
+        ann = fields.get(part)
+        if ann is None or not isinstance(ann.annotation, type) or not issubclass(ann.annotation, BaseModel):
+            return ""
+        fields = ann.annotation.model_fields
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_config(data: dict, where: str = "licensing config") -> LicensingConfig:
+    """Validate a dict into a config, turning pydantic's errors into one line naming the field and the fix."""
+    try:
+        return LicensingConfig.model_validate(data or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"{where}: unknown key {field!r}{_did_you_mean(err['loc'], LicensingConfig)}") from None
+        raise UserError(f"{where}: {field}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def load_config(path: str | Path | None = None) -> LicensingConfig:
+    """The config from a YAML file, or the defaults when no path is given."""
+    if path is None:
+        return LicensingConfig()
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} not found")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of settings at the top level")
+    return parse_config(data, where=str(p))
