@@ -27,7 +27,10 @@ def register(app: typer.Typer) -> None:
             get_preset(preset)
         except KeyError as e:
             raise UserError(f"--preset: {e.args[0]}") from None
-        path = create_checkpoint(preset, out_dir, seed=seed, overwrite=force)
+        try:
+            path = create_checkpoint(preset, out_dir, seed=seed, overwrite=force)
+        except (ValueError, FileExistsError) as e:
+            raise UserError(str(e)) from None
         typer.echo(f"wrote {preset} checkpoint to {path}")
 
     app.add_typer(ckpt, name="checkpoint")
