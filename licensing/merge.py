@@ -1,0 +1,74 @@
+"""Merging replicas' flushed sketches into snapshots, as a function, a Ray task or a long-lived Ray actor.
+
+Every serving replica flushes its own small sketch files; reading thousands of them per report is slow, so a merge
+job folds all committed sketches not yet covered into a new snapshot (`snapshots/<seq>.hll`) plus a record of the
+markers it covers (`snapshots/<seq>.json`, written last: the snapshot counts only once that exists). Nothing is
+deleted or rewritten; readers take the newest snapshot and the markers it does not cover (ledger.load_sketches).
+Merging is max over registers, so the result is the same whatever order replicas flushed in.
+"""
+from __future__ import annotations
+
+import json
+
+from licensing import ledger
+
+
+def compact(store) -> dict | None:
+    """Write a new snapshot covering every committed marker; returns its record (None if nothing new)."""
+    snap = ledger.latest_snapshot(store)
+    covered = set(snap["covers"]) if snap else set()
+    marks = ledger.markers(store)
+    new = sorted(p for p in marks if p not in covered)
+    if not new:
+        return None
+    merged = ledger.load_sketches(store)
+    seq = (snap["seq"] + 1) if snap else 0
+    sketch_path = f"snapshots/{seq:08d}.hll"
+    store.put(sketch_path, merged.to_bytes())
+    record = {"seq": seq, "sketch": sketch_path, "covers": sorted(covered | set(new)), "groups": len(merged.groups)}
+    store.put(f"snapshots/{seq:08d}.json", json.dumps(record).encode())
+    return record
+
+
+def compact_on_ray(store_uri: str, endpoint_url: str | None = None) -> dict | None:
+    """Run `compact` as a Ray task (on whichever node has a CPU to spare) and wait for it."""
+    import ray
+
+    @ray.remote(num_cpus=0.25)
+    def _job(uri, endpoint):
+        from licensing.store import open_store
+
+        return compact(open_store(uri, endpoint))
+
+    return ray.get(_job.remote(store_uri, endpoint_url))
+
+
+def start_merge_actor(store_uri: str, interval_s: float = 300.0, endpoint_url: str | None = None,
+                      name: str = "herd-licensing-merge"):
+    """A detached-style named Ray actor that compacts every `interval_s`; returns its handle."""
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    class MergeActor:
+        def __init__(self, uri, endpoint, interval):
+            import threading
+
+            from licensing.store import open_store
+
+            self.store = open_store(uri, endpoint)
+            self.runs = 0
+            self._stop = threading.Event()
+            threading.Thread(target=self._loop, args=(interval,), daemon=True).start()
+
+        def _loop(self, interval):
+            while not self._stop.wait(interval):
+                self.compact()
+
+        def compact(self):
+            self.runs += 1
+            return compact(self.store)
+
+        def stop(self):
+            self._stop.set()
+
+    return MergeActor.options(name=name, get_if_exists=True).remote(store_uri, endpoint_url, interval_s)
