@@ -1,0 +1,71 @@
+"""S3 byte-range loading: a worker fetches only the headers and the rows it asks for, once per node."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from llama4.checkpoint import INDEX_FILE, CheckpointReader
+from serving.expert_parallel.s3 import S3Checkpoint, upload_checkpoint
+
+EXPERTS = "model.layers.1.feed_forward.experts.gate_up_proj"
+
+
+@pytest.fixture
+def s3_ckpt(maverick_tiny, s3_bucket):
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/maverick-tiny"
+    upload_checkpoint(maverick_tiny, url, endpoint_url=endpoint)
+    return url, endpoint
+
+
+def _header_bytes(folder, fname: str) -> int:
+    with open(folder / fname, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def test_rows_match_local_reader_and_only_their_bytes_are_fetched(s3_ckpt, maverick_tiny, tmp_path):
+    url, endpoint = s3_ckpt
+    local = CheckpointReader(maverick_tiny)
+    ckpt = S3Checkpoint(url, cache_dir=tmp_path / "node0", endpoint_url=endpoint)
+    index_bytes = (maverick_tiny / INDEX_FILE).stat().st_size
+    assert ckpt.bytes_fetched == index_bytes
+
+    rows = [0, 1, 2, 40, 41, 127]
+    got = ckpt.get_rows(EXPERTS, rows)
+    assert torch.equal(got, local.get_rows(EXPERTS, rows))
+    full = local.get(EXPERTS)
+    row_bytes = full[0].numel() * full.element_size()
+    fname = json.loads((maverick_tiny / INDEX_FILE).read_text())["weight_map"]["language_model." + EXPERTS]
+    assert ckpt.bytes_fetched == index_bytes + _header_bytes(maverick_tiny, fname) + len(rows) * row_bytes
+
+    before = ckpt.bytes_fetched
+    norm = "model.norm.weight"
+    assert torch.equal(ckpt.get(norm), local.get(norm))
+    assert ckpt.bytes_fetched > before
+
+
+def test_node_local_cache_serves_a_second_reader_without_fetching(s3_ckpt, tmp_path):
+    url, endpoint = s3_ckpt
+    first = S3Checkpoint(url, cache_dir=tmp_path / "node0", endpoint_url=endpoint)
+    a = first.get_rows(EXPERTS, range(64))
+    second = S3Checkpoint(url, cache_dir=tmp_path / "node0", endpoint_url=endpoint)
+    after_index = second.bytes_fetched
+    assert torch.equal(second.get_rows(EXPERTS, range(64)), a)
+    assert second.bytes_fetched == after_index  # header and rows both came from the node's disk
+    other_node = S3Checkpoint(url, cache_dir=tmp_path / "node1", endpoint_url=endpoint)
+    other_node.get_rows(EXPERTS, range(64))
+    assert other_node.bytes_fetched > after_index
+
+
+def test_metadata_download_and_bad_urls(s3_ckpt, tmp_path):
+    url, endpoint = s3_ckpt
+    dest = S3Checkpoint(url, cache_dir=tmp_path / "c", endpoint_url=endpoint).download_metadata(tmp_path / "meta")
+    assert (dest / "config.json").exists() and (dest / "tokenizer.json").exists()
+    assert not list(dest.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="not an s3:// URL"):
+        S3Checkpoint("/local/path", cache_dir=tmp_path)
+    with pytest.raises(Exception, match="cannot read"):
+        S3Checkpoint(url + "-missing", cache_dir=tmp_path / "d", endpoint_url=endpoint)
