@@ -1,6 +1,60 @@
-"""`herd` subcommands for cluster/ (filled in by the cluster work)."""
+"""`herd plan` and `herd render`: check a cluster file's capacity, then write the configs to deploy it.
+
+Exit codes of `herd plan`: 0 the plan fits, 1 it does not (reasons and fixes printed), 2 the file is invalid
+(one line naming the YAML path, the bad value and the fix).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
 import typer
+
+from herd.errors import UserError
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the `herd` app."""
+    """Add `herd plan` and `herd render` to the `herd` app."""
+
+    @app.command("plan")
+    def plan_cmd(
+        cluster_file: Path = typer.Argument(..., help="Cluster YAML (see infra/clusters/)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+        throughput: float = typer.Option(None, "--throughput", min=0.001,
+                                         help="Expected tokens/s over the whole cluster, for a cost per million "
+                                              "tokens estimate."),
+        placement_out: Path = typer.Option(None, "--placement-out",
+                                           help="Write the expert placement map (JSON) the engine reads."),
+    ) -> None:
+        """Plan a cluster: does the model fit, with how much context, concurrency and cost."""
+        from cluster.planner import plan
+        from cluster.report import format_plan
+        from cluster.schema import load_cluster
+
+        p = plan(load_cluster(cluster_file), throughput=throughput)
+        typer.echo(p.to_json() if as_json else format_plan(p, str(cluster_file)))
+        if placement_out is not None:
+            p.placement.save(placement_out)
+            if not as_json:
+                typer.echo(f"wrote the expert placement to {placement_out}")
+        if not p.fits:
+            raise typer.Exit(1)
+
+    @app.command("render")
+    def render_cmd(
+        cluster_file: Path = typer.Argument(..., help="Cluster YAML (see infra/clusters/)."),
+        target: str = typer.Option(..., "--target",
+                                   help="ray-cluster, kuberay-service, kuberay-job or serve."),
+        out: Path = typer.Option(..., "-o", "--output", help="File to write."),
+        job: str = typer.Option(None, "--job", help="Fine-tune job file the RayJob runs (kuberay-job only)."),
+    ) -> None:
+        """Write a deployable config rendered from the cluster file, validated before it is written."""
+        from cluster.render import TARGETS, render
+        from cluster.schema import did_you_mean, load_cluster
+
+        if target not in TARGETS:
+            raise UserError(f"--target: unknown target {target!r}{did_you_mean(target, TARGETS)}; choose one of: "
+                            f"{', '.join(TARGETS)}")
+        text = render(load_cluster(cluster_file), target, source=str(cluster_file), job=job)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {target} config to {out}")

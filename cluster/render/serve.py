@@ -1,0 +1,77 @@
+"""The Ray Serve config (`serve deploy FILE`): herd's app with the arguments `serving.app:build_app` takes.
+
+`serve_args(spec)` is the one place the cluster file turns into engine arguments, so `herd serve
+CLUSTER.yaml` and the rendered file start the same thing. Weight dtypes the engine cannot load yet are
+refused here, by name, with what is missing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.render.common import env_vars
+from cluster.schema import ClusterSpec
+from herd.errors import UserError
+
+IMPORT_PATH = "serving.app:build_app"
+SERVABLE_DTYPES = ("bf16", "fp32")
+_MISSING = {
+    "fp8": "an fp8 expert matmul with per-row scales and a loader for the FP8 checkpoint's scale tensors",
+    "int4": "int4 group-quantised linear kernels and a loader for the quantised checkpoint",
+}
+
+
+def require_servable(spec: ClusterSpec) -> None:
+    """Refuse what the engine cannot serve yet and what does not fit, with the fix in the message."""
+    dtype = spec.model.weight_dtype
+    if dtype not in SERVABLE_DTYPES:
+        raise UserError(
+            f"model.weight_dtype {dtype}: herd plans {dtype} but cannot serve it yet; the engine loads bf16/fp32 "
+            f"weights only and lacks {_MISSING[dtype]}. Serve a bf16 checkpoint (set model.weight_dtype: bf16; "
+            "herd plan shows the nodes it needs)")
+    from cluster.planner import plan
+
+    p = plan(spec)
+    if not p.fits:
+        raise UserError(f"the plan does not fit ({p.reasons[0]}); fix: {p.fixes[0] if p.fixes else 'see herd plan'}",
+                        exit_code=1)
+
+
+def serve_args(spec: ClusterSpec) -> dict[str, Any]:
+    """The `args` of herd's Serve application: what `build_app(args)` receives."""
+    s, group = spec.serving, spec.serving_group
+    args: dict[str, Any] = {
+        "model": spec.model.checkpoint or spec.model.preset,
+        "expert_parallel_size": spec.expert_parallel_size,
+        "tensor_parallel_size": group.gpus_per_node,
+        "max_model_len": s.max_context_len,
+        "max_num_seqs": s.max_concurrent_sequences,
+        "served_model_name": spec.served_model_name,
+    }
+    if s.api_keys_file:
+        args["api_keys_file"] = s.api_keys_file
+    if s.placement_file:
+        args["placement_file"] = s.placement_file
+    if s.replicas > 1:
+        args["num_replicas"] = s.replicas
+    return args
+
+
+def serve_config(spec: ClusterSpec) -> dict[str, Any]:
+    """A whole Serve config, validated with Ray's own `ServeDeploySchema`."""
+    require_servable(spec)
+    from cluster.render.validate import validate_serve_config
+
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "127.0.0.1" if spec.provider.cloud == "local" else "0.0.0.0",
+                         "port": spec.serving.port},
+        "applications": [{
+            "name": "herd",
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "runtime_env": {"env_vars": env_vars(spec)},
+            "args": serve_args(spec),
+        }],
+    }
+    validate_serve_config(config)
+    return config
