@@ -1,0 +1,408 @@
+"""The Llama 4 text model for serving, in one file, written for one device.
+
+It computes exactly what Hugging Face transformers' `Llama4ForCausalLM` computes (same weights, same names), but
+over a flat batch of tokens from many sequences at once (prefill pieces and decode tokens mixed), reading and
+writing a static KV cache addressed by (slot, position), and running each routed expert only on the tokens the
+router sent to it. Tensor and expert parallelism are applied from outside (serving/expert_parallel/): they swap
+parameters or the `RoutedExperts` module after loading; nothing here knows about them.
+
+Llama 4 specifics, as transformers defines them:
+- RoPE layers (`cfg.rope_layers[i]`): complex RoPE on adjacent pairs, llama3 frequency scaling when configured,
+  then the weightless L2 QK-norm when `use_qk_norm`, and chunked local attention: a token at position p sees
+  only positions in [p // C * C, p] (chunks aligned at multiples of C = attention_chunk_size, not a window).
+  Their cache is a ring of C entries per sequence: position p lives at p % C.
+- NoPE layers: no rotation, global causal attention over the whole context, and attention temperature tuning
+  that scales queries by 1 + attn_scale * log1p(floor((p + 1) / floor_scale)) on absolute positions p.
+- MoE layers: router logits, top-k, sigmoid of the chosen logits scales the expert *input*; plus a shared expert.
+
+Shape legend (suffixes on tensor names):
+  T tokens in the flat batch      D hidden size            V vocabulary
+  H query heads, G = H // Hkv     Hkv key/value heads       Dh head dim
+  E experts (logical)             El experts held here      K experts per token     A = T * K assignments
+  I expert intermediate size      S cache slots             L cached positions       B sequences
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama4.config import TextConfig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch description
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SeqSpan:
+    """One sequence's run of tokens inside the flat batch."""
+
+    slot: int  # KV-cache slot of the sequence
+    offset: int  # index of its first token in the flat batch
+    length: int  # tokens it contributes this step
+    start_pos: int  # absolute position of its first token
+
+
+@dataclass
+class Batch:
+    """Everything a forward step needs to know about its flat batch of tokens (all tensors on the model device)."""
+
+    tokens_T: torch.Tensor  # int64 [T]
+    positions_T: torch.Tensor  # int64 [T]
+    slots_T: torch.Tensor  # int64 [T]
+    logits_idx_N: torch.Tensor  # int64 [N] rows whose next-token logits are wanted
+    spans: list[SeqSpan]
+    # Single-token sequences (decode) are attended to together; longer ones (prefill pieces) one by one.
+    decode_rows_B: torch.Tensor | None  # int64 [B] rows of the single-token sequences (None: all rows are)
+    decode_slots_B: torch.Tensor
+    decode_pos_B: torch.Tensor
+    decode_max_pos: int
+    decode_max_ring: int  # max of position % chunk size
+    prefill: list[SeqSpan]
+
+    @classmethod
+    def build(cls, spans: list[tuple[int, list[int], int, bool]], device: torch.device | str,
+              chunk_size: int) -> "Batch":
+        """From (slot, token_ids, start_pos, need_logits) per sequence.
+
+        A piece must not cross an attention-chunk boundary (the scheduler splits prefill there): its RoPE-layer
+        keys share one ring of `chunk_size` entries.
+        """
+        tokens, positions, slots, logits_idx, seq_spans = [], [], [], [], []
+        for slot, ids, start, need_logits in spans:
+            n = len(ids)
+            if n == 0:
+                raise ValueError("a sequence chunk must hold at least one token")
+            if start // chunk_size != (start + n - 1) // chunk_size:
+                raise ValueError(f"prefill piece [{start}, {start + n}) crosses an attention-chunk boundary "
+                                 f"(chunk size {chunk_size}); split it at multiples of the chunk size")
+            seq_spans.append(SeqSpan(slot, len(tokens), n, start))
+            tokens.extend(ids)
+            positions.extend(range(start, start + n))
+            slots.extend([slot] * n)
+            if need_logits:
+                logits_idx.append(len(tokens) - 1)
+        decode = [s for s in seq_spans if s.length == 1]
+        prefill = [s for s in seq_spans if s.length > 1]
+        as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        all_decode = not prefill
+        return cls(
+            tokens_T=as_long(tokens),
+            positions_T=as_long(positions),
+            slots_T=as_long(slots),
+            logits_idx_N=as_long(logits_idx),
+            spans=seq_spans,
+            decode_rows_B=None if all_decode else as_long([s.offset for s in decode]),
+            decode_slots_B=as_long([s.slot for s in decode]),
+            decode_pos_B=as_long([s.start_pos for s in decode]),
+            decode_max_pos=max((s.start_pos for s in decode), default=-1),
+            decode_max_ring=max((s.start_pos % chunk_size for s in decode), default=-1),
+            prefill=prefill,
+        )
+
+
+@dataclass
+class StepTables:
+    """Per-step values shared by all layers: RoPE rotation and the NoPE query temperature."""
+
+    cos_TF: torch.Tensor  # [T, Dh/2] (F = Dh/2 frequency pairs)
+    sin_TF: torch.Tensor
+    attn_scale_T: torch.Tensor | None  # [T] query scale on NoPE layers, None when tuning is off
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as transformers does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's weightless QK norm (transformers' `Llama4TextL2Norm`)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def rope_inv_freq(cfg: TextConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies [Dh/2] in float32, with llama3 scaling when the config has it."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    if rs.high_freq_factor == rs.low_freq_factor:
+        return scaled  # no band to interpolate (Scout: both 1.0); the smoothing formula would divide by zero
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_THX: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) as complex numbers, in float32 (Llama 4's layout)."""
+    xf = x_THX.float().unflatten(-1, (-1, 2))  # [T, H, F, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x_THX)
+
+
+class SwiGLU(nn.Module):
+    """The dense MLP and the shared expert: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """GQA attention over the static cache; chunked-local on RoPE layers, global with temperature on NoPE ones."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.use_rope = cfg.rope_layers[layer]
+        self.use_qk_norm = cfg.use_qk_norm and self.use_rope
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.chunk_size = cfg.attention_chunk_size
+        self.eps = cfg.rms_norm_eps
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.cache_k: torch.Tensor | None = None  # [S, Hkv, L, Dh]; L = chunk size on RoPE layers
+        self.cache_v: torch.Tensor | None = None
+
+    def allocate_cache(self, num_slots: int, max_len: int, dtype: torch.dtype, device) -> None:
+        length = min(self.chunk_size, max_len) if self.use_rope else max_len
+        shape = (num_slots, self.n_kv_heads, length, self.head_dim)
+        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _cache_index(self, pos: torch.Tensor) -> torch.Tensor:
+        return pos % self.chunk_size if self.use_rope else pos
+
+    def forward(self, x_TD: torch.Tensor, batch: Batch, tables: StepTables) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q_THX = self.q_proj(x_TD).view(T, self.n_heads, self.head_dim)
+        k_THX = self.k_proj(x_TD).view(T, self.n_kv_heads, self.head_dim)
+        v_THX = self.v_proj(x_TD).view(T, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            q_THX = apply_rope(q_THX, tables.cos_TF, tables.sin_TF)
+            k_THX = apply_rope(k_THX, tables.cos_TF, tables.sin_TF)
+        if self.use_qk_norm:
+            q_THX, k_THX = l2_norm(q_THX, self.eps), l2_norm(k_THX, self.eps)
+        if self.temperature_tuning:
+            q_THX = (q_THX * tables.attn_scale_T[:, None, None]).to(q_THX.dtype)
+
+        # Write this step's keys and values first, then every query reads its context from the cache.
+        cache_pos_T = self._cache_index(batch.positions_T)
+        self.cache_k[batch.slots_T, :, cache_pos_T] = k_THX.to(self.cache_k.dtype)
+        self.cache_v[batch.slots_T, :, cache_pos_T] = v_THX.to(self.cache_v.dtype)
+
+        if not batch.prefill:
+            out_TX = self._decode(q_THX, batch)
+        else:
+            out_TX = torch.empty(T, self.n_heads * self.head_dim, dtype=x_TD.dtype, device=x_TD.device)
+            if batch.decode_rows_B.numel():
+                out_TX[batch.decode_rows_B] = self._decode(q_THX[batch.decode_rows_B], batch)
+            for span in batch.prefill:
+                rows = slice(span.offset, span.offset + span.length)
+                out_TX[rows] = self._prefill(q_THX[rows], span)
+        return self.o_proj(out_TX)
+
+    def _decode(self, q_BHX: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """One query per sequence, all sequences in one padded attention call."""
+        B = q_BHX.shape[0]
+        pos_B = self._cache_index(batch.decode_pos_B)
+        # On RoPE layers only the current chunk's ring entries [0, p % C] are live.
+        length = (batch.decode_max_ring if self.use_rope else batch.decode_max_pos) + 1
+        k_BHLX = self.cache_k[:, :, :length][batch.decode_slots_B]
+        v_BHLX = self.cache_v[:, :, :length][batch.decode_slots_B]
+        q_BHGX = q_BHX.view(B, self.n_kv_heads, -1, self.head_dim)  # query head h = kv head h // G
+        mask = None
+        if B > 1:
+            mask = (torch.arange(length, device=q_BHX.device)[None, :] <= pos_B[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q_BHGX, k_BHLX.to(q_BHX.dtype), v_BHLX.to(q_BHX.dtype),
+                                             attn_mask=mask)
+        return out.reshape(B, -1)
+
+    def _prefill(self, q_nHX: torch.Tensor, span: SeqSpan) -> torch.Tensor:
+        """A prefill piece of one sequence: causal attention to everything its chunk (or the context) holds."""
+        n, end = span.length, span.start_pos + span.length
+        first_key = (span.start_pos // self.chunk_size) * self.chunk_size if self.use_rope else 0
+        k_HLX = self.cache_k[span.slot, :, : end - first_key]
+        v_HLX = self.cache_v[span.slot, :, : end - first_key]
+        key_pos = torch.arange(first_key, end, device=q_nHX.device)
+        q_pos = torch.arange(span.start_pos, end, device=q_nHX.device)
+        mask_nL = key_pos[None, :] <= q_pos[:, None]
+        out = F.scaled_dot_product_attention(
+            q_nHX.transpose(0, 1)[None], k_HLX[None].to(q_nHX.dtype), v_HLX[None].to(q_nHX.dtype),
+            attn_mask=mask_nL, enable_gqa=True)  # [1, H, n, Dh]
+        return out[0].transpose(0, 1).reshape(n, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------------------------
+class RoutedExperts(nn.Module):
+    """The routed experts this module holds (`expert_ids`, in slot order), run only on the tokens routed to them.
+
+    Weights keep the released fused layout: gate_up_proj [El, D, 2I] (gate first) and down_proj [El, I, D].
+    Tokens routed to experts not held here contribute zero (expert parallelism sums over holders).
+    """
+
+    def __init__(self, cfg: TextConfig, expert_ids: list[int] | None = None):
+        super().__init__()
+        self.num_experts = cfg.num_local_experts
+        self.expert_ids = list(range(cfg.num_local_experts)) if expert_ids is None else list(expert_ids)
+        El, D, I = len(self.expert_ids), cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(El, D, 2 * I))
+        self.down_proj = nn.Parameter(torch.empty(El, I, D))
+        self.register_buffer("local_of_global", torch.empty(self.num_experts, dtype=torch.long), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Map logical expert id -> slot here (-1: not held); called again after moving to a device."""
+        table = torch.full((self.num_experts,), -1, dtype=torch.long)
+        table[torch.tensor(self.expert_ids, dtype=torch.long)] = torch.arange(len(self.expert_ids))
+        self.local_of_global = table.to(self.local_of_global.device)
+        self._holds_all = self.expert_ids == list(range(self.num_experts))
+
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        T, K = topk_idx_TK.shape
+        local_A = self.local_of_global[topk_idx_TK.reshape(-1)]
+        token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K) if K > 1 else \
+            torch.arange(T, device=x_TD.device)
+        weight_A = topk_weight_TK.reshape(-1)
+        if not self._holds_all:
+            held = local_A >= 0
+            local_A, token_A, weight_A = local_A[held], token_A[held], weight_A[held]
+        out_TD = torch.zeros_like(x_TD)
+        if local_A.numel() == 0:
+            return out_TD
+        # Sorted dispatch: group assignments by expert, then one pair of matmuls per expert that has tokens.
+        local_A, order_A = torch.sort(local_A, stable=True)
+        token_A, weight_A = token_A[order_A], weight_A[order_A]
+        x_AD = x_TD[token_A] * weight_A[:, None]  # the router score scales the expert input
+        counts = torch.bincount(local_A, minlength=len(self.expert_ids)).tolist()
+        y_AD = torch.empty_like(x_AD)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            gate_nI, up_nI = (x_AD[start:start + n] @ self.gate_up_proj[e]).chunk(2, dim=-1)
+            y_AD[start:start + n] = (up_nI * F.silu(gate_nI)) @ self.down_proj[e]
+            start += n
+        return out_TD.index_add_(0, token_A, y_AD)
+
+
+class MoE(nn.Module):
+    """Router + routed experts + shared expert; counts how many tokens each expert received."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.experts = RoutedExperts(cfg)
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.register_buffer("routed_token_counts", torch.zeros(cfg.num_local_experts, dtype=torch.long),
+                             persistent=False)  # [E], cumulative
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = self.router(x_TD)
+        topk_logit_TK, topk_idx_TK = torch.topk(logits_TE, self.top_k, dim=1)
+        topk_weight_TK = torch.sigmoid(topk_logit_TK.float()).to(x_TD.dtype)
+        self.routed_token_counts += torch.bincount(topk_idx_TK.reshape(-1), minlength=logits_TE.shape[1])
+        return self.shared_expert(x_TD) + self.experts(x_TD, topk_idx_TK, topk_weight_TK)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stack
+# ---------------------------------------------------------------------------------------------------------
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.feed_forward = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x_TD: torch.Tensor, batch: Batch, tables: StepTables) -> torch.Tensor:
+        h_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), batch, tables)
+        return h_TD + self.feed_forward(self.post_attention_layernorm(h_TD))
+
+
+class Transformer(nn.Module):
+    """Llama 4 text model. Parameter names are the checkpoint's, less the `model.` / `language_model.` prefix."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.inv_freq = rope_inv_freq(cfg)  # float32 [Dh/2]; a plain attribute so dtype casts leave it alone
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.feed_forward for layer in self.layers if layer.is_moe]
+
+    def reset_buffers(self) -> None:
+        """Recompute non-weight state after the module was materialised on a device (see serving/loader.py)."""
+        device = self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.cfg).to(device)
+        for moe in self.moe_layers():
+            moe.routed_token_counts = torch.zeros(self.cfg.num_local_experts, dtype=torch.long, device=device)
+            if isinstance(moe.experts, RoutedExperts):
+                moe.experts.local_of_global = moe.experts.local_of_global.to(device)
+                moe.experts.reset_buffers()
+
+    def allocate_kv_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate every layer's cache: `max_len` positions on global layers, one chunk on RoPE layers."""
+        w = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.allocate_cache(num_slots, max_len, dtype or w.dtype, w.device)
+
+    def step_tables(self, positions_T: torch.Tensor) -> StepTables:
+        freqs_TF = positions_T[:, None].float() * self.inv_freq[None, :]
+        scale_T = None
+        if self.cfg.attn_temperature_tuning:
+            scale_T = torch.log1p(torch.floor((positions_T.float() + 1.0) / self.cfg.floor_scale)) \
+                * self.cfg.attn_scale + 1.0
+        return StepTables(torch.cos(freqs_TF), torch.sin(freqs_TF), scale_T)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Run one step; returns float32 logits [N, V] for the rows in `batch.logits_idx_N`."""
+        tables = self.step_tables(batch.positions_T)
+        x_TD = self.embed_tokens(batch.tokens_T)
+        for layer in self.layers:
+            x_TD = layer(x_TD, batch, tables)
+        return self.lm_head(self.norm(x_TD[batch.logits_idx_N])).float()
