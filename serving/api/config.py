@@ -1,0 +1,73 @@
+"""The arguments of herd's Serve application (`build_app(args)`, a Serve config's `args:`), as a closed schema.
+
+`herd render --target serve` writes these keys (cluster/render/serve.py) and `herd serve` builds them from its
+flags; a typo such as `max_num_seq` is rejected with a "did you mean" before anything starts.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from herd.errors import UserError
+
+
+class ServeArgs(BaseModel):
+    """What one herd Serve application serves and the limits each of its model replicas enforces."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Checkpoint folder (Hugging Face layout) the engine loads.")
+    served_model_name: Optional[str] = Field(None, description="Name clients put in `model` (default: the "
+                                                               "checkpoint folder's name).")
+    expert_parallel_size: int = Field(1, ge=1, le=4096, description="Ray workers the routed experts are split over "
+                                                                    "(1: the model runs inside the replica).")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Workers per node sharing the dense weights.")
+    max_model_len: Optional[int] = Field(None, ge=16, description="Longest sequence (prompt + completion), tokens; "
+                                                                  "default: the checkpoint's.")
+    max_num_seqs: int = Field(8, ge=1, le=65536, description="Sequences one replica runs at once (KV slots).")
+    max_waiting_requests: int = Field(32, ge=0, le=1_000_000, description="Requests a replica queues beyond "
+                                                                          "max_num_seqs; more get 503.")
+    num_replicas: int = Field(1, ge=1, le=1024, description="Model replicas (whole copies of the model).")
+    api_keys_file: Optional[str] = Field(None, description="YAML mapping API keys to identities; none: no auth.")
+    placement_file: Optional[str] = Field(None, description="Expert placement JSON from `herd plan` (default: "
+                                                            "contiguous blocks).")
+    nodes: Optional[list[str]] = Field(None, description="Custom resource naming each node of a replica; pins "
+                                                         "expert-parallel workers to them.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on GPU, else float32.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the in-replica model runs.")
+    replica_num_cpus: float = Field(0.5, gt=0, le=256, description="CPUs reserved for each model replica.")
+    replica_num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs for each model replica (EP=1 only).")
+    worker_num_cpus: float = Field(0.5, gt=0, le=256, description="CPUs per expert-parallel worker.")
+    worker_num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per expert-parallel worker.")
+    ingress_num_cpus: float = Field(0.1, gt=0, le=64, description="CPUs for the HTTP ingress replica.")
+    product: str = Field("llm-api", min_length=1, description="Product name requests count under for the licence.")
+    app_name: str = Field("herd", min_length=1, description="Serve application name (names the metrics hub).")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 when the queue is full.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeArgs":
+        ep, tp = self.expert_parallel_size, self.tensor_parallel_size
+        if ep % tp:
+            raise ValueError(f"expert_parallel_size ({ep}) must be a multiple of tensor_parallel_size ({tp})")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name
+
+
+def parse_args(args: dict) -> ServeArgs:
+    """Validate `build_app` arguments; a UserError names the key and suggests the closest known one."""
+    try:
+        return ServeArgs.model_validate(args or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, list(ServeArgs.model_fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(ServeArgs.model_fields)}"
+            raise UserError(f"serve args: unknown key '{key}'{hint}") from None
+        raise UserError(f"serve args: {key or 'args'}: {err['msg']}") from None

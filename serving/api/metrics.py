@@ -1,0 +1,160 @@
+"""Prometheus metrics for the whole application: vLLM's serving set under a `herd:` prefix, summed over replicas.
+
+How it works across replicas: each model replica keeps its own `ReplicaMetrics` (plain counters and histogram
+buckets, cheap to update per token) and pushes a snapshot every `PUSH_INTERVAL_S` to one named Ray actor, the
+`MetricsHub` of the application. GET /metrics on any ingress replica asks the hub for the merge and renders it
+with prometheus_client. Counters and histograms are summed over every replica that ever reported (a replica that
+goes away keeps its totals, so counters never go backwards); gauges are summed (requests running/waiting) or
+averaged (KV-cache usage) over replicas that reported in the last `STALE_AFTER_S`.
+
+Why not Ray's own metrics (ray.util.metrics): they are exported per node by Ray's metrics agent on ports a scraper
+must discover, with Ray's name prefix; one endpoint on the application that already sums replicas is what an
+operator pointing Prometheus at the server expects, as with vLLM's /metrics.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+
+PUSH_INTERVAL_S = 0.5
+STALE_AFTER_S = 10.0
+
+# Bucket edges as vLLM uses them (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+
+HISTOGRAMS = {
+    "herd:time_to_first_token_seconds": (TTFT_BUCKETS, "Time from request arrival to its first generated token."),
+    "herd:inter_token_latency_seconds": (ITL_BUCKETS, "Time between consecutive generated tokens of a request."),
+    "herd:e2e_request_latency_seconds": (LATENCY_BUCKETS, "Time from request arrival to its last token."),
+    "herd:request_queue_time_seconds": (LATENCY_BUCKETS, "Time a request waited before its first step ran."),
+}
+COUNTERS = {
+    "herd:prompt_tokens": "Prompt tokens processed.",
+    "herd:generation_tokens": "Tokens generated.",
+    "herd:request_success": "Finished requests, by finish reason (stop, length, abort, error).",
+    "herd:expert_routed_tokens": "Tokens the router sent to each routed expert, by MoE layer and expert.",
+}
+GAUGES = {
+    "herd:num_requests_running": "Requests in the engine's running batch.",
+    "herd:num_requests_waiting": "Requests waiting for a slot.",
+    "herd:kv_cache_usage_perc": "Fraction of KV-cache slots in use (1 = full), averaged over replicas.",
+    "herd:num_replicas": "Model replicas that reported in the last few seconds.",
+}
+_AVERAGED_GAUGES = {"herd:kv_cache_usage_perc"}
+_LABELS = {"herd:request_success": ("finished_reason",), "herd:expert_routed_tokens": ("layer", "expert")}
+
+
+class ReplicaMetrics:
+    """One replica's metrics as plain numbers: counters keyed by label values, histogram bucket counts."""
+
+    def __init__(self):
+        self.counters: dict[tuple, float] = {}      # (name, *label values) -> total
+        self.hists = {n: ([0] * (len(b) + 1), [0.0]) for n, (b, _) in HISTOGRAMS.items()}  # counts, [sum]
+        self.gauges: dict[str, float] = {}
+
+    def inc(self, name: str, value: float = 1.0, *labels: str) -> None:
+        key = (name, *labels)
+        self.counters[key] = self.counters.get(key, 0.0) + value
+
+    def observe(self, name: str, seconds: float) -> None:
+        buckets = HISTOGRAMS[name][0]
+        counts, total = self.hists[name]
+        counts[bisect.bisect_left(buckets, seconds)] += 1
+        total[0] += seconds
+
+    def set_expert_counts(self, counts_LE) -> None:
+        """The engine's cumulative routed-token counts, [num MoE layers, num experts]."""
+        for layer, row in enumerate(counts_LE):
+            for expert, n in enumerate(row):
+                self.counters[("herd:expert_routed_tokens", str(layer), str(expert))] = float(n)
+
+    def snapshot(self) -> dict:
+        return {"counters": dict(self.counters), "gauges": dict(self.gauges),
+                "hists": {n: (list(c), s[0]) for n, (c, s) in self.hists.items()}}
+
+
+def merge(snapshots: dict[str, tuple[float, dict]], now: float) -> dict:
+    """Sum replica snapshots ({replica: (reported_at, snapshot)}) as the module docstring says."""
+    counters: dict[tuple, float] = {}
+    hists: dict[str, tuple[list[int], float]] = {}
+    gauges: dict[str, float] = {}
+    fresh = 0
+    for reported_at, snap in snapshots.values():
+        for key, v in snap["counters"].items():
+            counters[key] = counters.get(key, 0.0) + v
+        for name, (counts, total) in snap["hists"].items():
+            acc = hists.setdefault(name, ([0] * len(counts), 0.0))
+            hists[name] = ([a + b for a, b in zip(acc[0], counts)], acc[1] + total)
+        if now - reported_at <= STALE_AFTER_S:
+            fresh += 1
+            for name, v in snap["gauges"].items():
+                gauges[name] = gauges.get(name, 0.0) + v
+    for name in _AVERAGED_GAUGES & gauges.keys():
+        gauges[name] /= max(fresh, 1)
+    gauges["herd:num_replicas"] = float(fresh)
+    return {"counters": counters, "hists": hists, "gauges": gauges}
+
+
+def render(merged: dict, model_name: str) -> bytes:
+    """The merged metrics in Prometheus text format (every series labelled with model_name, as vLLM does)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    families = []
+    for name, doc in GAUGES.items():
+        fam = GaugeMetricFamily(name, doc, labels=["model_name"])
+        fam.add_metric([model_name], merged["gauges"].get(name, 0.0))
+        families.append(fam)
+    for name, doc in COUNTERS.items():
+        labels = _LABELS.get(name, ())
+        fam = CounterMetricFamily(name, doc, labels=["model_name", *labels])
+        rows = sorted((k, v) for k, v in merged["counters"].items() if k[0] == name)
+        for key, v in rows:
+            fam.add_metric([model_name, *key[1:]], v)
+        if not labels and not rows:
+            fam.add_metric([model_name], 0.0)
+        families.append(fam)
+    for name, (buckets, doc) in HISTOGRAMS.items():
+        counts, total = merged["hists"].get(name, ([0] * (len(buckets) + 1), 0.0))
+        cum, acc = [], 0
+        for edge, c in zip([*map(str, buckets), "+Inf"], counts):
+            acc += c
+            cum.append((edge, acc))
+        fam = HistogramMetricFamily(name, doc, labels=["model_name"])
+        fam.add_metric([model_name], buckets=cum, sum_value=total)
+        families.append(fam)
+
+    class _Fixed:
+        def collect(self):
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed())
+    return generate_latest(registry)
+
+
+class MetricsHub:
+    """The application's metrics meeting point (a named Ray actor): replicas report, ingresses collect."""
+
+    def __init__(self):
+        self.snapshots: dict[str, tuple[float, dict]] = {}
+
+    def report(self, replica_id: str, snapshot: dict) -> None:
+        self.snapshots[replica_id] = (time.time(), snapshot)
+
+    def collect(self) -> dict:
+        return merge(self.snapshots, time.time())
+
+
+def hub_handle(app_name: str):
+    """The application's MetricsHub actor, created by whoever asks first (detached: it outlives replicas)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(MetricsHub).options(
+        name=f"herd-metrics-{app_name}", namespace="herd", get_if_exists=True, lifetime="detached",
+    ).remote()

@@ -1,0 +1,233 @@
+"""The model deployment: one replica owns one `AsyncLLMEngine` (and, with expert parallelism, its Ray workers).
+
+`generate(job)` is a streaming method the ingress calls through a Serve handle. It checks what needs the
+tokenizer (chat template, context length, token ids), runs the request, and yields plain dicts:
+  - `{"error": ApiError dict}` alone when the request is refused before it starts (400, 503);
+  - else items with `text`, `completion_tokens`, `finish_reason`, `failed`, the first also `prompt_tokens`
+    (streamed: one per engine delta; not streamed: a single item with the whole answer).
+If the caller goes away (the ingress cancels the stream when its client disconnects) the engine request is
+aborted, which frees its KV slot. The replica also keeps its metrics and pushes them to the app's MetricsHub.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+
+from ray import serve
+
+from serving.api.errors import ApiError, bad_request, queue_full
+from serving.api.metrics import PUSH_INTERVAL_S, ReplicaMetrics
+
+log = logging.getLogger("herd.serving.model")
+
+
+@serve.deployment(name="ModelServer")
+class ModelServer:
+    """One model copy behind Serve; its engine is built from `ServeArgs` (a plain dict across Serve)."""
+
+    def __init__(self, args: dict):
+        import torch
+
+        from serving.api.config import ServeArgs
+        from serving.api.metrics import hub_handle
+
+        torch.set_num_threads(int(os.environ.get("HERD_TORCH_THREADS", "1")))
+        self.args = ServeArgs.model_validate(args)
+        self.engine = _build_engine(self.args)
+        self.llm = self.engine.engine  # the synchronous LLMEngine: tokenizer, chat template, stats
+        self.max_model_len = self.llm.max_model_len
+        self.vocab_size = len(self.llm.tokenizer)
+        self.metrics = ReplicaMetrics()
+        self.hub = hub_handle(self.args.app_name)
+        self.replica_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._pusher: asyncio.Task | None = None
+
+    # ---- serve hooks ---------------------------------------------------------------------------------------
+    async def check_health(self) -> None:
+        self._ensure_pusher()
+        err = getattr(self.engine, "dead_error", None)
+        if err is not None:
+            raise RuntimeError(f"engine stopped: {err.__class__.__name__}")
+
+    async def ready(self) -> int:
+        """Answers once the engine is loaded; returns the context length."""
+        self._ensure_pusher()
+        return self.max_model_len
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    async def generate(self, job: dict):
+        self._ensure_pusher()
+        rid = job["request_id"]
+        try:
+            prompt_ids = self._prompt_ids(job)
+            params = self._params(job, len(prompt_ids))
+        except ApiError as e:
+            yield {"error": e.to_dict()}
+            return
+        from serving.engine.errors import QueueFullError
+
+        t_arrival = time.time()
+        deltas = self.engine.add_request(rid, prompt_ids, params)
+        finished = False
+        try:
+            try:
+                delta = await deltas.__anext__()
+            except QueueFullError:
+                finished = True  # never admitted: nothing to abort
+                yield {"error": queue_full(self.args.retry_after_s).to_dict()}
+                return
+            tracker = _RequestTimes(self.metrics, t_arrival, len(prompt_ids))
+            if job["stream"]:
+                first = True
+                while True:
+                    tracker.on_delta(delta)
+                    finished = delta.finish_reason is not None
+                    item = _item(delta)
+                    if first:
+                        item["prompt_tokens"], first = len(prompt_ids), False
+                    yield item
+                    if finished:
+                        break
+                    delta = await deltas.__anext__()
+            else:
+                texts = []
+                while True:
+                    tracker.on_delta(delta)
+                    texts.append(delta.new_text)
+                    if delta.finish_reason is not None:
+                        finished = True
+                        break
+                    delta = await deltas.__anext__()
+                item = _item(delta)
+                item.update(text="".join(texts), prompt_tokens=len(prompt_ids))
+                yield item
+        finally:
+            if not finished:  # cancelled (client gone) or failed: free the sequence's slot now
+                await self.engine.abort(rid)
+                self.metrics.inc("herd:request_success", 1.0, "abort")
+            await deltas.aclose()
+
+    # ---- request checks that need the tokenizer -------------------------------------------------------------
+    def _prompt_ids(self, job: dict) -> list[int]:
+        if "messages" in job:
+            ids = list(self.llm.apply_chat_template(job["messages"]))
+            where = "messages"
+        elif isinstance(job["prompt"], str):
+            ids = self.llm.tokenizer.encode(job["prompt"])
+            where = "prompt"
+        else:
+            ids, where = list(job["prompt"]), "prompt"
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise bad_request(f"'prompt' holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size}).",
+                                  param="prompt", code="invalid_value")
+        n, ctx = len(ids), self.max_model_len
+        if n >= ctx:
+            raise bad_request(f"This model's maximum context length is {ctx} tokens; the {where} is {n} tokens, "
+                              "leaving no room for a completion. Shorten it.", param=where,
+                              code="context_length_exceeded")
+        return ids
+
+    def _params(self, job: dict, n_prompt: int):
+        from serving.engine import SamplingParams
+
+        ctx = self.max_model_len
+        max_tokens = job.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = ctx - n_prompt
+        elif n_prompt + max_tokens > ctx:
+            name = job.get("max_tokens_param", "max_tokens")
+            raise bad_request(f"This model's maximum context length is {ctx} tokens; the prompt is {n_prompt} "
+                              f"tokens and {name} asks for {max_tokens} more. Ask for at most {ctx - n_prompt}.",
+                              param=name, code="context_length_exceeded")
+        try:
+            return SamplingParams(max_tokens=max_tokens, **job["sampling"])
+        except (ValueError, TypeError) as e:
+            field = str(e).split()[0] if str(e) else None
+            raise bad_request(str(e), param=field if field in job["sampling"] else None,
+                              code="invalid_value") from None
+
+    # ---- metrics --------------------------------------------------------------------------------------------
+    def _ensure_pusher(self) -> None:
+        if self._pusher is None or self._pusher.done():
+            self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                stats = self.llm.stats()
+                self.metrics.gauges.update({
+                    "herd:num_requests_running": float(stats.num_running),
+                    "herd:num_requests_waiting": float(stats.num_waiting),
+                    "herd:kv_cache_usage_perc": float(stats.kv_cache_usage),
+                })
+                self.metrics.set_expert_counts(self.llm.routed_token_counts().tolist())
+                await self.hub.report.remote(self.replica_id, self.metrics.snapshot())
+            except Exception as e:  # metrics must never take the replica down
+                log.warning("metrics push failed: %s", e.__class__.__name__)
+            await asyncio.sleep(PUSH_INTERVAL_S)
+
+    def __del__(self):
+        eng = getattr(self, "engine", None)
+        if eng is not None:
+            try:
+                eng.shutdown()
+            except Exception:
+                pass
+
+
+class _RequestTimes:
+    """Turns one request's deltas into vLLM's timing metrics and token counters."""
+
+    def __init__(self, m: ReplicaMetrics, arrival: float, n_prompt: int):
+        self.m, self.arrival, self.last = m, arrival, None
+        m.inc("herd:prompt_tokens", float(n_prompt))
+
+    def on_delta(self, d) -> None:
+        now = time.time()
+        k = len(d.new_token_ids)
+        arrival = d.arrival_time or self.arrival
+        if k:
+            self.m.inc("herd:generation_tokens", float(k))
+            if self.last is None:
+                self.m.observe("herd:time_to_first_token_seconds", (d.first_token_time or now) - arrival)
+                if d.queued_time is not None:
+                    self.m.observe("herd:request_queue_time_seconds", d.queued_time)
+            else:
+                for _ in range(k):  # tokens that arrived together share the gap
+                    self.m.observe("herd:inter_token_latency_seconds", (now - self.last) / k)
+            self.last = now
+        if d.finish_reason is not None:
+            self.m.observe("herd:e2e_request_latency_seconds", now - arrival)
+            self.m.inc("herd:request_success", 1.0, d.finish_reason)
+
+
+def _item(delta) -> dict:
+    return {"text": delta.new_text, "completion_tokens": delta.num_generated_tokens,
+            "finish_reason": delta.finish_reason, "failed": delta.finish_reason == "error"}
+
+
+def _build_engine(a):
+    """AsyncLLMEngine for these args; with EP the replica's own placement group is handed to the engine."""
+    import torch
+
+    from serving.engine import AsyncLLMEngine
+
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    kwargs = dict(dtype=dtype, device=device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+                  expert_parallel_size=a.expert_parallel_size, tensor_parallel_size=a.tensor_parallel_size,
+                  max_waiting_requests=a.max_waiting_requests)
+    if a.expert_parallel_size > 1:
+        from ray.util import get_current_placement_group
+
+        kwargs["placement_group"] = get_current_placement_group()
+        kwargs["nodes"] = a.nodes
+        if a.placement_file:
+            from cluster.placement import PlacementMap
+
+            kwargs["placement"] = PlacementMap.load(a.placement_file)
+    return AsyncLLMEngine.from_pretrained(a.model, **kwargs)

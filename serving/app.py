@@ -1,0 +1,172 @@
+"""herd's Ray Serve application: an HTTP ingress (FastAPI, OpenAI routes) in front of model replicas.
+
+    client --HTTP--> Serve proxy --> Ingress (auth, validation, SSE) --handle--> ModelServer (AsyncLLMEngine)
+                                                                                  └─ with EP: Ray workers in the
+                                                                                     replica's placement group
+
+`build_app(args)` is the `import_path` of a Serve config (`serving.app:build_app`, args as in
+serving/api/config.py); `herd serve` calls it too. A model replica reserves its expert-parallel workers'
+bundles through Serve's `placement_group_bundles` (bundle 0 is the replica itself), so Serve scales and restarts
+whole model copies, and the engine places its workers in that group.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from fastapi import FastAPI, Request
+from ray import serve
+
+from serving.api.config import ServeArgs, parse_args
+from serving.api.errors import ApiError
+from serving.api.routes import ROOT_PAGE, OpenAIServer, error_response
+from serving.api.model_server import ModelServer
+
+log = logging.getLogger("herd.serving.app")
+
+web = FastAPI(title="herd", description="OpenAI-compatible Llama 4 serving. Built with Llama.", docs_url=None,
+              redoc_url=None, openapi_url=None)
+
+
+@web.exception_handler(404)
+async def _not_found(request: Request, exc):
+    return error_response(ApiError(404, f"No route {request.method} {request.url.path}; see / for the endpoints.",
+                                   code="not_found"))
+
+
+@web.exception_handler(405)
+async def _bad_method(request: Request, exc):
+    err = ApiError(405, f"{request.method} is not allowed on {request.url.path}.", code="method_not_allowed")
+    return error_response(err)
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(web)
+class Ingress:
+    """The HTTP face: every route defers to `OpenAIServer`; the model is reached through a Serve handle."""
+
+    def __init__(self, model_handle, args: dict, key_digests: dict[str, str]):
+        from serving.api.auth import KeyChecker
+        from serving.api.metrics import hub_handle
+        from serving.usage import make_recorder
+
+        self.args = ServeArgs.model_validate(args)
+        self.model = model_handle
+        self.hub = hub_handle(self.args.app_name)
+        self.recorder = make_recorder()
+        self.server = OpenAIServer(self.args.model_name, self.args.max_model_len or 0, self._generate,
+                                   self._metrics, KeyChecker(key_digests), self.recorder, _is_backpressure)
+
+    async def _generate(self, job: dict):
+        stream = self.model.options(stream=True).generate.remote(job)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            stream.cancel()  # no-op once finished; on a client disconnect it aborts the sequence
+
+    async def _metrics(self) -> bytes:
+        from serving.api.metrics import render
+
+        return render(await self.hub.collect.remote(), self.args.model_name)
+
+    @web.get("/")
+    async def root(self):
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(ROOT_PAGE)
+
+    @web.get("/health")
+    async def health(self):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"status": "ok"})
+
+    @web.get("/v1/models")
+    async def models(self, request: Request):
+        return await self.server.models(request)
+
+    @web.get("/metrics")
+    async def metrics(self, request: Request):
+        return await self.server.metrics(request)
+
+    @web.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        return await self.server.chat(request)
+
+    @web.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self.server.completions(request)
+
+    def __del__(self):
+        close = getattr(getattr(self, "recorder", None), "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                pass
+
+
+def _is_backpressure(e: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__
+
+
+def model_deployment_options(a: ServeArgs) -> dict:
+    """Replicas, request bounds and resources of the model deployment (placement group bundles with EP)."""
+    opts = {
+        "num_replicas": a.num_replicas,
+        # A replica takes what its engine can run or queue; the handle queues a bounded number more, then 503.
+        "max_ongoing_requests": a.max_num_seqs + a.max_waiting_requests,
+        "max_queued_requests": max(a.max_waiting_requests, 1),
+        "ray_actor_options": {"num_cpus": a.replica_num_cpus, "num_gpus": a.replica_num_gpus},
+        "health_check_period_s": 5,
+        "graceful_shutdown_timeout_s": 5,
+    }
+    if a.expert_parallel_size > 1:
+        worker = {"CPU": a.worker_num_cpus}
+        if a.worker_num_gpus:
+            worker["GPU"] = a.worker_num_gpus
+        bundles = [{"CPU": a.replica_num_cpus}]
+        for rank in range(a.expert_parallel_size):
+            b = dict(worker)
+            if a.nodes:  # pin rank r to the node holding its share (node-major ranks, as the group orders them)
+                b[a.nodes[rank // (a.expert_parallel_size // len(a.nodes))]] = 0.001
+            bundles.append(b)
+        opts["ray_actor_options"] = {"num_cpus": a.replica_num_cpus}
+        opts["placement_group_bundles"] = bundles
+        opts["placement_group_strategy"] = "PACK"
+    return opts
+
+
+def build_app(args: dict):
+    """The Serve application for `serve deploy` / `serve.run`: `serving.app:build_app` with `args`."""
+    from serving.api.auth import load_api_keys
+
+    a = parse_args(args)
+    if a.max_model_len is None:
+        a = a.model_copy(update={"max_model_len": _checkpoint_context(a.model)})
+    digests = load_api_keys(a.api_keys_file) if a.api_keys_file else {}
+    plain = a.model_dump()
+    model = ModelServer.options(**model_deployment_options(a)).bind(plain)
+    return Ingress.options(ray_actor_options={"num_cpus": a.ingress_num_cpus}).bind(model, plain, digests)
+
+
+def _checkpoint_context(model: str) -> int:
+    """The checkpoint's own context length, so the ingress can report it without loading weights."""
+    import json
+    from pathlib import Path
+
+    from herd.errors import UserError
+
+    cfg_path = Path(model) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except OSError:
+        raise UserError(f"{cfg_path}: cannot read the checkpoint's config; pass a checkpoint folder as `model` "
+                        "or set max_model_len") from None
+    text = cfg.get("text_config", cfg)
+    return int(text.get("max_position_embeddings", 8192))
