@@ -54,7 +54,11 @@ def register(app: typer.Typer) -> None:
         if target not in TARGETS:
             raise UserError(f"--target: unknown target {target!r}{did_you_mean(target, TARGETS)}; choose one of: "
                             f"{', '.join(TARGETS)}")
-        text = render(load_cluster(cluster_file), target, source=str(cluster_file), job=job)
+        spec = load_cluster(cluster_file)
+        try:
+            text = render(spec, target, source=str(cluster_file), job=job)
+        except UserError as e:  # name the file, as load_cluster's errors do
+            raise UserError(f"{cluster_file}: {e}", exit_code=e.exit_code) from None
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {target} config to {out}")

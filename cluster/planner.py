@@ -344,7 +344,8 @@ def _kv_fixes(spec: ClusterSpec, cfg: TextConfig, layout: Layout, kv: KVCapacity
         fixes.append("set serving.gpu_memory_fraction to 0.95")
     n = _min_nodes(cfg, layout, s.redundant_experts)
     if n is not None and n > s.nodes_per_replica:
-        fixes.append(f"add nodes: set serving.nodes_per_replica to {n} (fewer experts per GPU leaves more cache)")
+        fixes.append(f"add nodes: set serving.nodes_per_replica to {n} (and node_groups[{gi}].count to at least "
+                     f"{n * s.replicas}; fewer experts per GPU leaves more cache)")
 
 
 def _worker_blocks(pm: PlacementMap, gpus: bool) -> list[dict]:

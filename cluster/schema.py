@@ -111,7 +111,8 @@ class Serving(_Closed):
     expert_parallel_size: int | None = Field(None, ge=1, description="GPUs the routed experts are split over; "
                                                                      "must equal nodes_per_replica x gpus_per_node")
     redundant_experts: int = Field(0, ge=0, le=1024, description="extra expert copies per MoE layer")
-    max_context_len: int = Field(8192, ge=16, description="longest sequence (prompt + output) in tokens")
+    max_context_len: int = Field(8192, ge=16, description="longest sequence (prompt + output) in tokens "
+                                                          "(default 8192, or the model's limit if lower)")
     max_concurrent_sequences: int = Field(32, ge=1, le=65536, description="sequences one replica runs at once")
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1.0, description="share of each GPU's memory herd may use")
     runtime_reserve_gib: float = Field(2.0, ge=0, le=64, description="per-GPU memory kept for activations, "
@@ -221,11 +222,25 @@ def parse_cluster(raw: Any, source: str = "<cluster>") -> ClusterSpec:
         spec = ClusterSpec.model_validate(raw)
     except ValidationError as e:
         raise ClusterFileError(f"{source}: {_describe(e, raw)}") from None
+    serving = raw.get("serving") if isinstance(raw.get("serving"), dict) else {}
+    if "max_context_len" not in serving:
+        spec = _default_context(spec)
     try:
         _check_consistency(spec)
     except ClusterFileError as e:
         raise ClusterFileError(f"{source}: {e}") from None
     return spec
+
+
+def _default_context(spec: ClusterSpec) -> ClusterSpec:
+    """An unset max_context_len is 8192 or the model's own limit, whichever is lower."""
+    try:
+        limit = spec.text_config.max_position_embeddings
+    except ClusterFileError:
+        return spec  # reported by _check_consistency with the right path
+    if limit >= spec.serving.max_context_len:
+        return spec
+    return spec.model_copy(update={"serving": spec.serving.model_copy(update={"max_context_len": limit})})
 
 
 def _check_consistency(spec: ClusterSpec) -> None:

@@ -1,0 +1,151 @@
+"""The planner's sanity anchors, its arithmetic against llama4.sizing, and fixes that really fix."""
+from __future__ import annotations
+
+import pytest
+from conftest import cluster_doc
+
+from cluster.planner import plan
+from cluster.schema import parse_cluster
+from llama4.presets import get_preset
+from llama4.sizing import kv_bytes_per_token, param_counts
+
+
+def _plan(**kw):
+    throughput = kw.pop("throughput", None)
+    return plan(parse_cluster(cluster_doc(**kw)), throughput=throughput)
+
+
+def test_maverick_fp8_fits_one_8xh100_node():
+    p = _plan(preset="maverick", dtype="fp8")
+    assert p.fits, p.reasons
+    assert p.layout["expert_parallel_size"] == 8
+    assert p.placement.experts_on(0, 1) == list(range(16))
+
+
+def test_maverick_bf16_does_not_fit_one_node_but_fits_two():
+    one = _plan(preset="maverick", dtype="bf16")
+    assert not one.fits
+    assert one.reasons[0].startswith("weights need 100.2 GB per GPU (3.5 non-expert + 96.6 routed experts)")
+    assert "add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2)" in one.fixes
+    assert "use a smaller weight dtype: set model.weight_dtype to fp8 (fits on 1 node(s) per replica; the engine " \
+           "serves bf16 only today)" in one.fixes
+    assert "use bigger GPUs: node_groups[0].gpu H200-141GB fits on 1 node(s) per replica" in one.fixes
+    two = _plan(preset="maverick", dtype="bf16", count=2, nodes_per_replica=2)
+    assert two.fits, two.reasons
+    # The issue's worked example: about 3.5 GB non-expert and 48 GB routed experts per GPU.
+    assert two.per_gpu.non_expert / 1e9 == pytest.approx(3.54, abs=0.01)
+    assert two.per_gpu.routed_experts / 1e9 == pytest.approx(48.3, abs=0.1)
+
+
+def test_scout_int4_fits_one_h100():
+    p = _plan(preset="scout", dtype="int4", gpus=1)
+    assert p.fits, p.reasons
+    assert _plan(preset="scout", dtype="bf16", gpus=1).fits is False
+
+
+@pytest.mark.parametrize("preset,dtype,bytes_per_param,gpus,nodes", [
+    ("maverick", "bf16", 2.0, 8, 2),
+    ("maverick", "fp8", None, 8, 1),
+    ("scout", "bf16", 2.0, 8, 1),
+    ("scout", "fp32", 4.0, 4, 1),
+])
+def test_memory_figures_agree_with_param_counts(preset, dtype, bytes_per_param, gpus, nodes):
+    p = _plan(preset=preset, dtype=dtype, gpus=gpus, count=nodes, nodes_per_replica=nodes)
+    counts = param_counts(get_preset(preset).text_config())
+    expert_bytes = 1.0 if dtype == "fp8" else bytes_per_param  # fp8 is Meta's: experts fp8, the rest bf16
+    other_bytes = 2.0 if dtype == "fp8" else bytes_per_param
+    # a node's GPUs hold the non-expert weights once; all GPUs of the replica hold the experts once
+    assert p.per_gpu.non_expert * gpus == pytest.approx(counts.non_expert * other_bytes, rel=0.01)
+    assert p.per_gpu.routed_experts * gpus * nodes == pytest.approx(counts.routed_experts * expert_bytes, rel=0.01)
+    assert p.model["params_total"] == pytest.approx(get_preset(preset).released_params["total"], rel=0.01)
+
+
+def test_kv_counts_chunked_layers_up_to_the_chunk_only():
+    p = _plan(preset="maverick", dtype="fp8", max_context_len=131072, max_concurrent_sequences=4)
+    cfg = get_preset("maverick").text_config()
+    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16
+    assert p.kv.chunked_layers == 36 and p.kv.global_layers == 12 and p.kv.chunk_size == 8192
+    assert p.kv.sequence_bytes == per_layer * (36 * 8192 + 12 * 131072)
+    assert p.kv.bytes_per_token_within_chunk == per_layer * 48
+    assert p.kv.bytes_per_token_beyond_chunk == per_layer * 12
+    # sequences per node: what the node's GPUs (8, holding one KV head each) hold together, rounded down
+    node_budget = p.per_gpu.kv_budget * 8
+    assert p.kv.sequences_per_node == int(node_budget // p.kv.sequence_bytes)
+    # longest single sequence: the largest context whose cache fits the node's budget
+    kvt = kv_bytes_per_token(cfg)
+    longest = p.kv.longest_context_per_node
+    if longest < cfg.max_position_embeddings:
+        assert kvt.sequence_bytes(longest) <= node_budget < kvt.sequence_bytes(longest + 1)
+    assert p.kv.sequences_per_replica == p.kv.sequences_per_node
+    assert p.warnings[0].startswith("weight_dtype fp8 is planned")
+
+
+def test_concurrency_beyond_cache_is_a_warning_with_the_context_that_fits():
+    p = _plan(preset="maverick", dtype="fp8", max_context_len=131072, max_concurrent_sequences=200)
+    assert p.fits
+    w = p.warnings[0]
+    assert w.startswith(f"at full context (131072 tokens) the cache holds {p.kv.sequences_per_replica} sequences")
+    cfg = get_preset("maverick").text_config()
+    c = p.kv.context_for_target
+    assert kv_bytes_per_token(cfg).sequence_bytes(c) * 200 <= p.per_gpu.kv_budget * 8
+    assert f"all 200 fit when each is at most {c} tokens" in w
+
+
+def test_too_few_nodes_fails_with_the_count_to_set():
+    p = _plan(preset="maverick", dtype="bf16", count=1, nodes_per_replica=2)
+    assert not p.fits
+    assert p.reasons == ["1 replica(s) x 2 node(s) need 2 nodes but node_groups[0] (gpu) has 1"]
+    assert p.fixes == ["set node_groups[0].count to 2, or lower serving.replicas to 1"]
+
+
+def test_context_too_long_fix_lowers_it_to_a_context_that_fits():
+    doc = dict(preset="scout", dtype="int4", gpus=1, max_context_len=500_000, max_concurrent_sequences=1)
+    p = _plan(**doc)
+    assert not p.fits
+    assert p.reasons[0].startswith("the KV cache (17.72 GB per GPU) cannot hold one 500000-token sequence")
+    fix = next(f for f in p.fixes if f.startswith("lower the context"))
+    ctx = int(fix.split("to ")[1].split()[0])
+    assert ctx == p.kv.longest_context_per_node
+    assert _plan(**{**doc, "max_context_len": ctx}).fits
+    assert not _plan(**{**doc, "max_context_len": ctx + 64}).fits
+    assert "halve the cache: set model.kv_cache_dtype to fp8" in p.fixes
+    assert "add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2; fewer experts " \
+           "per GPU leaves more cache)" in p.fixes
+
+
+def test_the_node_fix_fits_when_applied():
+    p = _plan(preset="maverick", dtype="bf16", gpu="A100-80GB")
+    fix = next(f for f in p.fixes if f.startswith("add nodes"))
+    n = int(fix.split("nodes_per_replica to ")[1].split()[0])
+    assert n == 2
+    assert _plan(preset="maverick", dtype="bf16", gpu="A100-80GB", count=n, nodes_per_replica=n).fits
+
+
+def test_cost_per_hour_and_estimate_per_million_tokens():
+    p = _plan(preset="maverick", dtype="bf16", count=2, nodes_per_replica=2, throughput=4000)
+    assert p.cost.per_hour == pytest.approx(2 * 98.0 + 0.5)
+    assert p.cost.per_million_tokens == pytest.approx((2 * 98.0 + 0.5) / (4000 * 3600) * 1e6)
+    assert p.cost.assumption.startswith("estimate: assumes a sustained 4000")
+    doc = cluster_doc()
+    del doc["node_groups"][0]["price_per_hour"]
+    p = plan(parse_cluster(doc), throughput=4000)
+    assert p.cost.per_hour is None and p.cost.missing_prices == ["node_groups[0] (gpu)"]
+
+
+def test_redundant_experts_cost_memory_on_the_busiest_gpu():
+    base = _plan(preset="maverick", dtype="fp8", count=3, nodes_per_replica=2)
+    red = _plan(preset="maverick", dtype="fp8", count=3, nodes_per_replica=2, redundant_experts=16)
+    assert red.per_gpu.routed_experts == pytest.approx(base.per_gpu.routed_experts * 9 / 8)
+    assert len(red.placement.copies(1, 0)) == 2 and len(red.placement.copies(1, 16)) == 1
+
+
+def test_plan_json_carries_the_figures():
+    import json
+
+    p = _plan(preset="maverick", dtype="fp8")
+    d = json.loads(p.to_json())
+    assert d["fits"] is True
+    assert d["per_gpu"]["routed_experts"] == p.per_gpu.routed_experts
+    assert d["per_gpu"]["headroom"] == p.per_gpu.headroom
+    assert d["kv"]["sequences_per_node"] == p.kv.sequences_per_node
+    assert d["placement"]["workers"][1] == {"rank": 1, "node": 0, "gpu": 1, "experts": list(range(16, 32))}

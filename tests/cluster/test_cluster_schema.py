@@ -1,0 +1,139 @@
+"""The cluster file's errors: each a single line naming the YAML path, the bad value and the fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cluster_doc
+
+from cluster.schema import ClusterFileError, load_cluster, parse_cluster
+from llama4.presets import get_preset
+
+
+def _error(doc, source="c.yaml") -> str:
+    with pytest.raises(ClusterFileError) as e:
+        parse_cluster(doc, source)
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.exit_code == 2
+    return msg
+
+
+def test_valid_file_loads_with_defaults(write_cluster):
+    spec = load_cluster(write_cluster(cluster_doc()))
+    assert spec.serving.replicas == 1 and spec.serving.gpu_memory_fraction == 0.9
+    assert spec.expert_parallel_size == 8
+    assert spec.text_config.num_local_experts == 128
+    assert spec.served_model_name == "llama4-maverick"
+
+
+def test_wrong_type_names_path_value_and_fix():
+    doc = cluster_doc()
+    doc["node_groups"][0]["gpus_per_node"] = "eight"
+    assert _error(doc) == ("c.yaml: node_groups[0].gpus_per_node: 'eight' is not accepted: Input should be a valid "
+                           "integer, unable to parse string as an integer; set it to GPUs per node (for gpu: cpu, "
+                           "worker processes per node)")
+
+
+def test_out_of_bounds_value():
+    doc = cluster_doc(gpu_memory_fraction=1.5)
+    msg = _error(doc)
+    assert msg.startswith("c.yaml: serving.gpu_memory_fraction: 1.5 is not accepted: Input should be less than or "
+                          "equal to 1")
+    assert "share of each GPU's memory herd may use" in msg
+
+
+@pytest.mark.parametrize("where,key,suggestion", [
+    ((), "servng", "serving"),
+    (("node_groups", 0), "gpus_per_nod", "gpus_per_node"),
+    (("serving",), "max_context_length", "max_context_len"),
+    (("model",), "weights_dtype", "weight_dtype"),
+])
+def test_unknown_key_did_you_mean(where, key, suggestion):
+    doc = cluster_doc()
+    target = doc
+    for part in where:
+        target = target[part]
+    target[key] = 1
+    msg = _error(doc)
+    path = ".".join(str(p) for p in where).replace(".0", "[0]")
+    assert msg.startswith(f"c.yaml: {path + '.' if path else ''}{key}: unknown key (did you mean '{suggestion}'?)")
+    assert f"valid keys in {path or 'the top level'}: " in msg
+
+
+def test_unknown_gpu_and_preset_suggest_names():
+    doc = cluster_doc()
+    doc["node_groups"][0]["gpu"] = "H100"
+    assert "node_groups[0].gpu: 'H100' is not accepted: unknown GPU kind (did you mean 'H100-80GB'?)" in _error(doc)
+    doc = cluster_doc(preset="maverik")
+    assert _error(doc) == ("c.yaml: model.preset: unknown preset 'maverik' (did you mean 'maverick'?); choose one "
+                           "of: scout, maverick, scout-tiny, maverick-tiny, maverick-bench")
+
+
+def test_expert_parallel_size_must_match_replica_gpus():
+    doc = cluster_doc(expert_parallel_size=16)
+    assert _error(doc) == ("c.yaml: serving.expert_parallel_size: 16 does not match the replica's GPUs "
+                           "(serving.nodes_per_replica 1 x node_groups[0].gpus_per_node 8 = 8); set it to 8 or "
+                           "remove it")
+
+
+def test_expert_parallel_size_must_divide_experts():
+    doc = cluster_doc(count=3, nodes_per_replica=3)
+    assert _error(doc) == ("c.yaml: serving.nodes_per_replica: expert-parallel size 24 (serving.nodes_per_replica 3"
+                           " x node_groups[0].gpus_per_node 8) does not divide the model's 128 experts; use 1 or 2 "
+                           "or 4 nodes per replica, or set serving.redundant_experts to 16")
+    doc = cluster_doc(preset="scout", gpus=6, expert_parallel_size=6)
+    assert "serving.expert_parallel_size: expert-parallel size 6" in _error(doc)
+    assert "16 experts; " in _error(doc)
+    # redundant copies make it divide: 128 + 16 = 144 = 6 x 24
+    parse_cluster(cluster_doc(count=3, nodes_per_replica=3, redundant_experts=16), "c.yaml")
+
+
+def test_missing_and_cross_field_errors():
+    doc = cluster_doc()
+    del doc["model"]
+    assert _error(doc) == "c.yaml: model: missing; add it (the model and its dtypes)"
+    doc = cluster_doc(node_group="gpus")
+    assert _error(doc) == ("c.yaml: serving.node_group: no node group 'gpus' (did you mean 'gpu'?); choose one of: "
+                           "gpu")
+    doc = cluster_doc(max_context_len=2_000_000)
+    assert "serving.max_context_len: 2000000 exceeds the model's max_position_embeddings 1048576; lower it" in \
+        _error(doc)
+    doc = cluster_doc()
+    doc["model"] = {"checkpoint": "s3://bucket/m"}
+    assert "model.preset: needed when model.checkpoint is an s3:// URI" in _error(doc)
+
+
+def test_yaml_problems(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnode_groups: [\n")
+    with pytest.raises(ClusterFileError, match=r"bad.yaml: line \d+: not valid YAML"):
+        load_cluster(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ClusterFileError, match="must be a YAML mapping"):
+        load_cluster(bad)
+    with pytest.raises(ClusterFileError, match="no such file"):
+        load_cluster(tmp_path / "missing.yaml")
+
+
+def _checkpoint_dir(tmp_path, preset):
+    """A folder with a released-layout config.json (all the planner reads of a checkpoint)."""
+    p = get_preset(preset)
+    (tmp_path / preset).mkdir()
+    (tmp_path / preset / "config.json").write_text(json.dumps({
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "text_config": {**p.text, "vocab_size": p.bpe_vocab_size + 2048}}))
+    return str(tmp_path / preset)
+
+
+def test_shape_from_checkpoint_config_and_mismatch(tmp_path):
+    ckpt = _checkpoint_dir(tmp_path, "maverick-tiny")
+    doc = cluster_doc()
+    doc["model"] = {"checkpoint": ckpt}
+    spec = parse_cluster(doc)
+    assert spec.text_config.num_local_experts == 128
+    assert spec.serving.max_context_len == 4096  # unset: the model's own limit, below the 8192 default
+    doc["model"] = {"checkpoint": ckpt, "preset": "scout-tiny"}
+    msg = _error(doc)
+    assert "model.preset: 'scout-tiny' has num_local_experts 16 but model.checkpoint" in msg
+    doc["model"] = {"checkpoint": str(tmp_path / "nowhere")}
+    assert "has no config.json" in _error(doc)
