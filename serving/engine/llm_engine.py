@@ -1,0 +1,289 @@
+"""`LLMEngine`: requests in, tokens and text out, one `step()` at a time (vLLM's synchronous engine API).
+
+Each step asks the scheduler for pieces, runs them on the executor, samples a token for every sequence whose
+last token was computed, detokenizes incrementally, applies stop conditions, and frees the KV slot of every
+request that finished. `generate()` loops `step()` until its requests are done; `AsyncLLMEngine` runs the same
+loop in a background thread and streams deltas.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from llama4.config import TextConfig
+from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.errors import WorkerDiedError
+from serving.engine.outputs import (CompletionOutput, EngineStats, Logprob, RequestDelta, RequestMetrics,
+                                    RequestOutput)
+from serving.engine.params import SamplingParams
+from serving.engine.sampling import choose_tokens, top_logprobs
+from serving.engine.scheduler import Request, RequestStatus, Scheduler
+
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+class LLMEngine:
+    """Continuous-batching engine over one executor (in-process, or expert-parallel over Ray workers)."""
+
+    def __init__(self, executor, tokenizer, config: TextConfig, *, max_model_len: int,
+                 max_num_batched_tokens: int = 2048, eos_token_ids: Sequence[int] = ()):
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids or config.eos_token_ids)
+        self.scheduler = Scheduler(executor.max_num_seqs, max_num_batched_tokens, config.attention_chunk_size)
+        self._requests: dict[str, Request] = {}
+        self._pending: list[Request] = []  # finished outside a step (abort): reported by the next step
+        self._seq_ids = itertools.count()
+        self._gen_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu", max_num_seqs: int = 32,
+                        max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                        kv_cache_memory_bytes: float | None = None, expert_parallel_size: int = 1,
+                        tensor_parallel_size: int = 1, placement=None, placement_group=None, nodes=None,
+                        **executor_kwargs) -> "LLMEngine":
+        """Load a checkpoint folder (Hugging Face layout) and build the engine around it."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        cfg = TextConfig.from_pretrained(path)
+        max_model_len = max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if expert_parallel_size > 1 or tensor_parallel_size > 1:
+            from serving.expert_parallel.executor import build_ep_executor
+
+            executor = build_ep_executor(
+                path, cfg, dtype=dtype, device=device, expert_parallel_size=expert_parallel_size,
+                tensor_parallel_size=tensor_parallel_size, placement=placement, placement_group=placement_group,
+                nodes=nodes, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                kv_cache_memory_bytes=kv_cache_memory_bytes, **executor_kwargs)
+        else:
+            from serving.engine.executor import LocalExecutor
+
+            executor = LocalExecutor.from_pretrained(path, cfg, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+                                                     max_model_len=max_model_len,
+                                                     kv_cache_memory_bytes=kv_cache_memory_bytes)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(executor, tokenizer, cfg, max_model_len=max_model_len,
+                   max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=generation_eos_ids(path, cfg))
+
+    # ---- requests --------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the checkpoint's own chat template, ready for a reply."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                     arrival_time: float | None = None) -> Request:
+        """Tokenize and validate a request without touching engine state (safe from another thread)."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; shorten the "
+                             "prompt (it and at least one generated token must fit)")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        return Request(request_id, next(self._seq_ids), text, ids, params, max_tokens,
+                       RequestMetrics(arrival_time or time.time()),
+                       IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), gen,
+                       logprobs=[] if params.logprobs is not None else None)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | Request,
+                    params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
+        req = prompt if isinstance(prompt, Request) else self.make_request(request_id, prompt, params, arrival_time)
+        if req.request_id in self._requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self._requests[req.request_id] = req
+        self.scheduler.add(req)
+        self.prompt_tokens_total += len(req.prompt_token_ids)
+
+    def abort_request(self, request_id: str | Sequence[str]) -> None:
+        """Stop requests now and free their cache; each is reported once more with finish_reason "abort"."""
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            req = self._requests.get(rid)
+            if req is not None:
+                self._finish(req, "abort")
+                self._pending.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- stepping --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; outputs of every request that gained tokens or finished."""
+        return [self._output(r) for r in self._step()]
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """Run one step; what each changed request gained since its previous delta (for streaming)."""
+        return [self._delta(r) for r in self._step()]
+
+    def _step(self) -> list[Request]:
+        changed, self._pending = self._pending, []
+        pieces = self.scheduler.schedule()
+        if not pieces:
+            return changed
+        now = time.time()
+        for p in pieces:
+            if p.request.metrics.first_scheduled_time is None:
+                p.request.metrics.first_scheduled_time = now
+        try:
+            logits_NV = self.executor.execute([p.chunk for p in pieces])
+        except WorkerDiedError as exc:
+            return changed + self._fail_running(exc)
+        done = [p for p in pieces if p.chunk.need_logits]
+        for p in pieces:
+            p.request.num_computed += len(p.chunk.token_ids)
+        if not done:
+            return changed
+        reqs = [p.request for p in done]
+        tokens = choose_tokens(logits_NV, [r.params for r in reqs], [r.generator for r in reqs])
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
+            self._append_token(req, token, logits_NV[i])
+            changed.append(req)
+        return changed
+
+    def _fail_running(self, exc: Exception) -> list[Request]:
+        """A worker died: fail what was in flight, rebuild the executor, keep the waiting requests."""
+        failed = list(self.scheduler.running)
+        for req in failed:
+            req.error = f"model worker failed: {exc}"
+            self._finish(req, "error")
+        self.executor.rebuild()
+        return failed
+
+    def _append_token(self, req: Request, token: int, logits_V: torch.Tensor) -> None:
+        now = time.time()
+        m = req.metrics
+        m.first_token_time = m.first_token_time or now
+        m.last_token_time = now
+        req.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if req.logprobs is not None:
+            req.logprobs.append({t: Logprob(lp, rank, self.tokenizer.decode([t]))
+                                 for t, lp, rank in top_logprobs(logits_V, token, req.params.logprobs)})
+        p = req.params
+        old_len = len(req.output_text)
+        req.output_text += req.detokenizer.add(token)
+        if p.stop_token_ids and token in p.stop_token_ids:
+            return self._finish(req, "stop", token)
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return self._finish(req, "stop")
+        if p.stop_list and self._check_stop_strings(req, old_len):
+            return
+        if req.num_generated >= req.max_tokens:
+            self._finish(req, "length")
+
+    def _check_stop_strings(self, req: Request, old_len: int) -> bool:
+        text = req.output_text
+        hits = []
+        for s in req.params.stop_list:
+            i = text.find(s, max(0, old_len - len(s) + 1))
+            if i >= 0:
+                hits.append((i, s))
+        if not hits:
+            return False
+        i, s = min(hits)
+        req.output_text = text[:i]
+        self._finish(req, "stop", s)
+        return True
+
+    def _finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        if req.finished:
+            return
+        if reason in ("length", "stop") and not isinstance(stop_reason, str):
+            req.output_text += req.detokenizer.flush()
+        req.status = RequestStatus.FINISHED
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        req.metrics.finished_time = time.time()
+        self.scheduler.remove(req)
+        self.executor.free(req.seq_id)
+        self._requests.pop(req.request_id, None)
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    def _output(self, req: Request) -> RequestOutput:
+        completion = CompletionOutput(0, req.output_text, req.output_token_ids, req.finish_reason, req.stop_reason,
+                                      list(req.logprobs) if req.logprobs is not None else None, req.error)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished,
+                             req.metrics)
+
+    def _streamable_text_len(self, req: Request) -> int:
+        """Text that no stop string can still claim: hold back a possible stop string's beginning."""
+        if req.finished or not req.params.stop_list:
+            return len(req.output_text)
+        hold = max(len(s) for s in req.params.stop_list) - 1
+        return max(req.sent_text, len(req.output_text) - hold)
+
+    def _delta(self, req: Request) -> RequestDelta:
+        out_ids = req.output_token_ids
+        text_end = self._streamable_text_len(req)
+        lps = None
+        if req.logprobs is not None:
+            lps, req.sent_logprobs = req.logprobs[req.sent_logprobs:], len(req.logprobs)
+        delta = RequestDelta(
+            req.request_id, out_ids[req.sent_tokens:], req.output_text[req.sent_text:text_end], req.finish_reason,
+            len(req.prompt_token_ids), len(out_ids), lps, req.stop_reason, req.error, req.metrics.arrival_time,
+            req.metrics.first_token_time, req.metrics.queued_time)
+        req.sent_tokens, req.sent_text = len(out_ids), text_end
+        return delta
+
+    # ---- convenience -----------------------------------------------------------------------------
+    def generate(self, prompts: str | list[str] | list[int] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; one `RequestOutput` per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        ids = [f"generate-{next(self._gen_ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        while wanted - final.keys():
+            for out in self.step():
+                if out.finished and out.request_id in wanted:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.executor.kv_cache_usage(),
+                           self.prompt_tokens_total, self.generation_tokens_total)
+
+    def routed_token_counts(self) -> torch.Tensor:
+        """int64 [num_moe_layers, num_experts]: tokens each expert has received since start."""
+        return self.executor.routed_token_counts()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def generation_eos_ids(path: Path, cfg: TextConfig) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (what `generate` stops on), else from config.json."""
+    gen = Path(path) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (eos,)
+    return cfg.eos_token_ids
