@@ -19,6 +19,12 @@ _STORE = typer.Option(None, "--store", help="Local dir or s3://bucket/prefix (de
                                             "else ./herd-data/licensing).")
 
 
+def _exit(code: int) -> None:
+    """End the command with `code`. SystemExit, not typer.Exit: click in non-standalone mode (how herd.cli.main
+    runs the app) turns typer.Exit into a return value that main does not pass on."""
+    raise SystemExit(code)
+
+
 def _setup(config_path, store_uri):
     from licensing.config import load_config
     from licensing.store import open_store
@@ -88,7 +94,7 @@ def report(release_date: Optional[str] = typer.Option(None, "--release-date", he
 
         plot_trend(rep, plot)
     typer.echo(json.dumps(rep, indent=2) if as_json else format_table(rep))
-    raise typer.Exit(rep["question"]["exit_code"])
+    _exit(rep["question"]["exit_code"])
 
 
 def _audit(st, month: str, month_days) -> dict:
@@ -119,10 +125,10 @@ def check(folder: str = typer.Argument(..., help="Model or adapter folder to che
     problems = check_model_dir(folder, distributed, name)
     if not problems:
         typer.echo(f"{folder}: meets the Llama 4 licence's notice duties")
-        raise typer.Exit(0)
+        _exit(0)
     for p in problems:
         typer.echo(f"{folder}: {p}")
-    raise typer.Exit(1)
+    _exit(1)
 
 
 @license_app.command("compact")

@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from datetime import date
 
 import numpy as np
 import pytest
+
+# This folder is itself named "licensing" and pytest puts tests/ on sys.path, so without the repository root ahead
+# of it `import licensing` becomes a namespace package without the package's __init__ (MauTracker, NOTICE_TEXT).
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if sys.path[0] != _REPO:
+    sys.path.insert(0, _REPO)
+if getattr(sys.modules.get("licensing"), "__file__", "") is None:  # a namespace import happened before us
+    del sys.modules["licensing"]
+import licensing  # noqa: E402,F401  (the real package, from here on)
 
 TEST_KEY = "000102030405060708090a0b0c0d0e0f"
 MONTHS = ["2025-01", "2025-02", "2025-03"]
