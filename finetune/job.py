@@ -1,0 +1,80 @@
+"""Run one fine-tuning job on the Ray cluster this process is attached to (what `python -m finetune` does).
+
+Driver side: read the data with Ray Data, start a TorchTrainer whose workers run train_loop.py, recover from
+worker failures (FailureConfig) and resume a resubmitted run from its storage, then write the outputs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Ray Train reports cost about 1.6 s each at the default health-check interval.
+_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def default_environment() -> None:
+    """Environment the job (and the Ray workers it starts) needs, unless the user set it."""
+    # DeepSpeed compiles its CPU ops once; keep them in the repo's ignored cache, shared by later runs.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    for k, v in _RAY_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def worker_env(job) -> dict[str, str]:
+    env = {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"], "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    if job.resources.gpus_per_worker == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "HERD_CACHE"):
+        if k in os.environ:  # passed through the runtime env, never printed
+            env[k] = os.environ[k]
+    return env
+
+
+def build_trainer(job):
+    """The TorchTrainer for a job (not started)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from finetune.data import tokenized_dataset
+    from finetune.storage import filesystem
+    from finetune.train_loop import train_loop_per_worker
+
+    import ray.data
+
+    # Progress bars of a few-row read drown the training progress lines in the job log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    fs, storage = filesystem(job.checkpoint.storage_path, job.s3)
+    res = job.resources
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker}
+                                                                  if res.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=job.name, storage_path=storage, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=job.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep),
+            worker_runtime_env={"env_vars": worker_env(job)}),
+        # Every worker sees every tokenised example and keeps its own share in a global order (data.py),
+        # so the data position in a checkpoint means the same batches after a restart.
+        datasets={"train": tokenized_dataset(job)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+
+
+def run(job) -> str:
+    """Train, then write outputs; returns the output folder's URI."""
+    from finetune.output import write_outputs
+
+    default_environment()
+    result = build_trainer(job).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"job {job.name} finished without a checkpoint; see the log above")
+    with result.checkpoint.as_directory() as d:
+        uri = write_outputs(job, d)
+    print(f"[finetune] done: adapter, NOTICE, metrics.json and loss.png under {uri}", flush=True)
+    return uri

@@ -1,0 +1,83 @@
+"""Local paths and `s3://` URIs behind one interface, through pyarrow's filesystems (S3 endpoint overridable).
+
+Used for the base checkpoint (fetched once per node into a cache), the dataset (Ray Data reads it through the
+filesystem returned here), Ray Train's storage_path and the job's outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from finetune.schema import S3Settings
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def filesystem(uri: str, s3: S3Settings):
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
+    import pyarrow.fs as pafs
+
+    if is_s3(uri):
+        kwargs = {"region": s3.region}
+        if s3.endpoint_url:
+            scheme, _, host = s3.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def exists(uri: str, s3: S3Settings) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, s3)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def upload_dir(local: str | Path, uri: str, s3: S3Settings) -> None:
+    """Copy a local folder's files to `uri` (a local folder or s3:// prefix)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, s3)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def fetch_dir(uri: str, s3: S3Settings, names: tuple[str, ...] | None = None,
+              cache_root: str | Path | None = None) -> Path:
+    """A local folder holding `uri`'s files: the folder itself when local, else a per-node cached download.
+
+    Several workers on a node may ask at once: each downloads into its own temporary folder and renames it into
+    place; the first rename wins and the others drop their copy. `names` limits the download to those files.
+    """
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return Path(uri).expanduser().resolve()
+    root = Path(cache_root or os.environ.get("HERD_CACHE", Path(tempfile.gettempdir()) / "herd-cache"))
+    key = hashlib.sha256(f"{s3.endpoint_url}|{uri}|{names}".encode()).hexdigest()[:16]
+    final = root / "fetched" / key
+    if (final / ".complete").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fs, path = filesystem(uri, s3)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri} does not exist (S3 endpoint {s3.endpoint_url or 'AWS'})")
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=key + "."))
+    if names is None:
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    else:
+        for name in names:
+            if fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File:
+                pafs.copy_files(f"{path}/{name}", str(tmp / name), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+    (tmp / ".complete").touch()
+    try:
+        tmp.rename(final)
+    except OSError:  # another worker finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
