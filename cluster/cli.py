@@ -30,14 +30,18 @@ def register(app: typer.Typer) -> None:
         from cluster.report import format_plan
         from cluster.schema import load_cluster
 
-        p = plan(load_cluster(cluster_file), throughput=throughput)
+        spec = load_cluster(cluster_file)
+        try:
+            p = plan(spec, throughput=throughput)
+        except UserError as e:  # e.g. a placement file that does not match: name the cluster file too
+            raise UserError(f"{cluster_file}: {e}", exit_code=e.exit_code) from None
         typer.echo(p.to_json() if as_json else format_plan(p, str(cluster_file)))
         if placement_out is not None:
             p.placement.save(placement_out)
             if not as_json:
                 typer.echo(f"wrote the expert placement to {placement_out}")
         if not p.fits:
-            raise typer.Exit(1)
+            raise SystemExit(1)  # herd.cli.main ignores the return value typer.Exit becomes here
 
     @app.command("render")
     def render_cmd(

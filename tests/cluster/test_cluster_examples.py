@@ -1,0 +1,27 @@
+"""infra/'s example clusters: each plans as documented, and every rendered file is up to date with its source."""
+from __future__ import annotations
+
+import pytest
+from conftest import REPO
+
+from cluster.planner import plan
+from cluster.render_examples import EXAMPLES, render_example
+from cluster.schema import load_cluster
+
+EXPECTED_FIT = {"local": True, "maverick-fp8-1x8": True, "maverick-bf16-2x8": True, "scout-int4-1gpu": True}
+
+
+def test_every_example_cluster_plans_as_documented():
+    files = sorted((REPO / "infra/clusters").glob("*.yaml"))
+    assert {f.stem for f in files} == set(EXPECTED_FIT)
+    for f in files:
+        assert plan(load_cluster(f)).fits is EXPECTED_FIT[f.stem], f.name
+    assert {src for src, *_ in EXAMPLES} == {f"infra/clusters/{f.name}" for f in files}
+
+
+@pytest.mark.parametrize("source,target,out,job", EXAMPLES, ids=[e[2] for e in EXAMPLES])
+def test_rendered_file_is_up_to_date(source, target, out, job):
+    path = REPO / out
+    assert path.is_file(), f"{out} is missing; run: python -m cluster.render_examples"
+    assert path.read_text(encoding="utf-8") == render_example(source, target, job), (
+        f"{out} is out of date with {source}; run: python -m cluster.render_examples")
