@@ -79,7 +79,7 @@ class ExpertParallelGroup:
         s = self.spec
         self.workers = [
             actor_cls.options(
-                num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_concurrency=2,
+                num_cpus=s.num_cpus, num_gpus=s.num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=b),
                 runtime_env={"env_vars": dict(s.env)} if s.env else None,
             ).remote(rank=r, world_size=s.expert_parallel_size, tp_size=s.tensor_parallel_size,

@@ -70,6 +70,7 @@ class S3Checkpoint:
         import boto3
 
         self.url = url
+        self.path = url  # what CheckpointReader's callers print in messages
         self.bucket, self.prefix_key = parse_s3_url(url)
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)

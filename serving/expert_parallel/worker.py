@@ -68,7 +68,9 @@ class EPWorker:
         self.runner = ShardRunner(self, spec)
         return self.runner.held_bytes()
 
-    def execute(self, chunks: list, node_has_work: bool):
+    def execute(self, chunks: list, node_has_work: bool, frees: list[int] = ()):
+        """One engine step: free finished sequences' slots, then run the node's chunks (or an idle pass)."""
+        self.runner.free(list(frees))
         return self.runner.execute(chunks, node_has_work)
 
     def free(self, seq_ids: list[int]) -> None:
