@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -139,7 +139,8 @@ class Licensing(_Closed):
                          description="environment variable holding the user-ID hashing key (never the key)")
     product: str = Field("llm-api", min_length=1, description="product name the served requests count under")
     affiliate: str | None = Field(None, description="affiliate (company entity) the product belongs to")
-    alert_levels: list[float] = Field([50, 80, 90, 100], description="alert levels, percent of 700M MAU")
+    alert_levels: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
+        [50, 80, 90, 100], description="alert levels, percent of the 700M MAU threshold")
 
 
 class ClusterSpec(_Closed):
@@ -345,7 +346,11 @@ def _describe(e: ValidationError, raw: Any) -> str:
     if err["type"] == "missing":
         desc = holder.model_fields[loc[-1]].description if holder and loc[-1] in holder.model_fields else ""
         return f"{path}: missing; add it ({desc}){more}"
-    field = holder.model_fields.get(loc[-1]) if holder and isinstance(loc[-1], str) else None
+    key_loc = loc
+    while key_loc and isinstance(key_loc[-1], int):  # an item of a list: describe the list's field
+        key_loc = key_loc[:-1]
+    key_holder = _model_at(key_loc) if key_loc else None
+    field = key_holder.model_fields.get(key_loc[-1]) if key_holder and key_loc else None
     custom = err["type"] == "value_error"  # our validators' messages already carry the fix
     hint = f"; set it to {field.description}" if field is not None and field.description and not custom else ""
     msg = err["msg"].removeprefix("Value error, ")

@@ -25,3 +25,13 @@ def test_rendered_file_is_up_to_date(source, target, out, job):
     assert path.is_file(), f"{out} is missing; run: python -m cluster.render_examples"
     assert path.read_text(encoding="utf-8") == render_example(source, target, job), (
         f"{out} is out of date with {source}; run: python -m cluster.render_examples")
+
+
+def test_dockerfile_copies_every_package_the_wheel_includes():
+    import re
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    copied = set(re.findall(r"^COPY --chown=ray:users (\w+) \./\1$", (REPO / "infra/Dockerfile").read_text(), re.M))
+    assert copied == packages
