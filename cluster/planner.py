@@ -320,7 +320,7 @@ def _weight_fixes(spec: ClusterSpec, cfg: TextConfig, layout: Layout, fixes: lis
         m = _min_nodes(cfg, layout, s.redundant_experts, weight_dtype=dtype)
         if m is not None:
             fixes.append(f"use a smaller weight dtype: set model.weight_dtype to {dtype} (fits on {m} node(s) per "
-                         f"replica{'; the engine serves bf16 only today' if dtype in ('fp8', 'int4') else ''})")
+                         f"replica{'; the engine serves bf16/fp32 only today' if dtype in ('fp8', 'int4') else ''})")
             break
     current = spec.serving_group.memory_per_gpu()
     for kind in GPU_KINDS.values():

@@ -332,7 +332,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 def _describe(e: ValidationError, raw: Any) -> str:
     """The first validation error as one line: YAML path, bad value, the fix."""
-    errs = e.errors()
+    # A misspelt key shows up twice: as unknown, and the key it meant as missing. Report the misspelling.
+    errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
     err = errs[0]
     loc = tuple(err["loc"])
     path = _yaml_path(loc)

@@ -28,7 +28,7 @@ def test_maverick_bf16_does_not_fit_one_node_but_fits_two():
     assert one.reasons[0].startswith("weights need 100.2 GB per GPU (3.5 non-expert + 96.6 routed experts)")
     assert "add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2)" in one.fixes
     assert "use a smaller weight dtype: set model.weight_dtype to fp8 (fits on 1 node(s) per replica; the engine " \
-           "serves bf16 only today)" in one.fixes
+           "serves bf16/fp32 only today)" in one.fixes
     assert "use bigger GPUs: node_groups[0].gpu H200-141GB fits on 1 node(s) per replica" in one.fixes
     two = _plan(preset="maverick", dtype="bf16", count=2, nodes_per_replica=2)
     assert two.fits, two.reasons

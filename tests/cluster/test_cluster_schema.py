@@ -137,3 +137,11 @@ def test_shape_from_checkpoint_config_and_mismatch(tmp_path):
     assert "model.preset: 'scout-tiny' has num_local_experts 16 but model.checkpoint" in msg
     doc["model"] = {"checkpoint": str(tmp_path / "nowhere")}
     assert "has no config.json" in _error(doc)
+
+
+def test_misspelt_required_key_reports_the_misspelling_not_the_missing_key():
+    doc = cluster_doc()
+    doc["node_groups"][0]["gpus_per_nod"] = doc["node_groups"][0].pop("gpus_per_node")
+    msg = _error(doc)
+    assert msg.startswith("c.yaml: node_groups[0].gpus_per_nod: unknown key (did you mean 'gpus_per_node'?)")
+    assert msg.endswith("(1 more problem after this one)")
