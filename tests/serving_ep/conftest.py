@@ -28,3 +28,27 @@ def reference_tokens(reference_engine):
 
     outs = reference_engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     return [o.outputs[0].token_ids for o in outs]
+
+
+def _ep_engine(path, ep: int, tp: int):
+    from serving.engine import LLMEngine
+
+    return LLMEngine.from_pretrained(path, dtype="float32", max_num_seqs=8, max_model_len=256,
+                                     expert_parallel_size=ep, tensor_parallel_size=tp, nodes=["node0", "node1"],
+                                     num_cpus_per_worker=0.25)
+
+
+@pytest.fixture(scope="session")
+def ep2_engine(ray_cluster, maverick_tiny):
+    """EP=2: two simulated nodes with one worker each."""
+    engine = _ep_engine(maverick_tiny, 2, 1)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ep4_engine(ray_cluster, maverick_tiny):
+    """EP=4: two simulated nodes with two workers each (tensor parallel within the node)."""
+    engine = _ep_engine(maverick_tiny, 4, 2)
+    yield engine
+    engine.shutdown()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.engine import LLMEngine, SamplingParams
+from serving.engine import SamplingParams
 from serving.engine.executor import LocalExecutor, SeqChunk
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -23,14 +23,9 @@ def _chunks(tokenizer, prompts) -> list[SeqChunk]:
     return [SeqChunk(i, t, 0, True) for i, t in enumerate(ids)]
 
 
-@pytest.fixture(scope="module", params=[(2, 1), (4, 2)], ids=["ep2-2nodes", "ep4-2nodes-tp2"])
-def ep_engine(request, ray_cluster, maverick_tiny):
-    ep, tp = request.param
-    engine = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=256,
-                                       expert_parallel_size=ep, tensor_parallel_size=tp, nodes=["node0", "node1"],
-                                       num_cpus_per_worker=0.25)
-    yield engine
-    engine.shutdown()
+@pytest.fixture(params=["ep2_engine", "ep4_engine"], ids=["ep2-2nodes", "ep4-2nodes-tp2"])
+def ep_engine(request):
+    return request.getfixturevalue(request.param)
 
 
 @pytest.mark.slow

@@ -1,0 +1,40 @@
+"""A worker killed mid-generation: the requests in flight end with a clear error, the group is rebuilt, the next
+request gets the right answer, and nothing waits on the dead worker."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from serving.engine import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_in_flight_requests_then_recovers(ep2_engine, prompts, reference_tokens):
+    engine = ep2_engine
+    engine.add_request("victim-a", prompts[0], GREEDY)
+    engine.add_request("victim-b", prompts[1], GREEDY)
+    for _ in range(3):  # prefill and a couple of decode steps: both sequences are in flight
+        engine.step()
+    old_pids = {p["pid"] for p in engine.executor.placement}
+    ray.kill(engine.executor.group.workers[1], no_restart=True)
+
+    t0 = time.monotonic()
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0]
+    assert time.monotonic() - t0 < 60  # the failed step, the rebuild and the reload: no collective timeout
+    assert set(finished) == {"victim-a", "victim-b"}
+    for out in finished.values():
+        assert out.finish_reason == "error"
+        assert "expert-parallel worker 1" in out.error and "died" in out.error
+
+    new_pids = {p["pid"] for p in engine.executor.placement}
+    assert not new_pids & old_pids  # every worker was replaced, process groups formed afresh
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == reference_tokens
