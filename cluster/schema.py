@@ -222,7 +222,7 @@ def parse_cluster(raw: Any, source: str = "<cluster>") -> ClusterSpec:
     try:
         spec = ClusterSpec.model_validate(raw)
     except ValidationError as e:
-        raise ClusterFileError(f"{source}: {_describe(e, raw)}") from None
+        raise ClusterFileError(f"{source}: {_describe(e)}") from None
     serving = raw.get("serving") if isinstance(raw.get("serving"), dict) else {}
     if "max_context_len" not in serving:
         spec = _default_context(spec)
@@ -330,7 +330,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _describe(e: ValidationError, raw: Any) -> str:
+def _describe(e: ValidationError) -> str:
     """The first validation error as one line: YAML path, bad value, the fix."""
     # A misspelt key shows up twice: as unknown, and the key it meant as missing. Report the misspelling.
     errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")

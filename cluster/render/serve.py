@@ -28,6 +28,9 @@ def require_servable(spec: ClusterSpec) -> None:
             f"model.weight_dtype {dtype}: herd plans {dtype} but cannot serve it yet; the engine loads bf16/fp32 "
             f"weights only and lacks {_MISSING[dtype]}. Serve a bf16 checkpoint (set model.weight_dtype: bf16; "
             "herd plan shows the nodes it needs)")
+    if spec.model.checkpoint is None:
+        raise UserError(f"model.checkpoint: needed to serve (the preset {spec.model.preset!r} is only a shape); set it "
+                        "to a checkpoint folder or s3:// URI in the Hugging Face layout")
     from cluster.planner import plan
 
     p = plan(spec)
@@ -40,7 +43,7 @@ def serve_args(spec: ClusterSpec) -> dict[str, Any]:
     """The `args` of herd's Serve application: what `build_app(args)` receives."""
     s, group = spec.serving, spec.serving_group
     args: dict[str, Any] = {
-        "model": spec.model.checkpoint or spec.model.preset,
+        "model": spec.model.checkpoint,
         "expert_parallel_size": spec.expert_parallel_size,
         "tensor_parallel_size": group.gpus_per_node,
         "max_model_len": s.max_context_len,

@@ -35,3 +35,17 @@ def test_dockerfile_copies_every_package_the_wheel_includes():
     packages = {p.rstrip("*") for p in include}
     copied = set(re.findall(r"^COPY --chown=ray:users (\w+) \./\1$", (REPO / "infra/Dockerfile").read_text(), re.M))
     assert copied == packages
+
+
+def test_readme_shows_the_real_plan_output(capsys, monkeypatch):
+    """The ops section's `herd plan` block is what herd prints today (its placement list abridged with '...')."""
+    from herd.cli import main
+
+    monkeypatch.chdir(REPO)  # the README shows the path relative to the repository
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    cmd = "$ herd plan infra/clusters/maverick-bf16-2x8.yaml --throughput 5000\n"
+    block = readme[readme.index(cmd) + len(cmd):].split("```", 1)[0].rstrip("\n").splitlines()
+    assert main(["plan", "infra/clusters/maverick-bf16-2x8.yaml", "--throughput", "5000"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert [line for line in block if line != "  ..."] == [line for line in printed if line in block]
+    assert len(block) > 20

@@ -167,3 +167,11 @@ def test_a_placement_file_for_another_layout_is_refused(tmp_path):
         _render("serve", placement_file=placement, **BF16_2X8)
     assert str(e.value).startswith(f"serving.placement_file: {placement!r} is for 128 experts on workers [8] and MoE "
                                    "layers [1, 3, 5, 7]..., but this cluster has 128 experts on workers [8, 8]")
+
+
+def test_serve_needs_a_checkpoint_not_just_a_preset():
+    doc = cluster_doc(count=2, nodes_per_replica=2)
+    del doc["model"]["checkpoint"]
+    with pytest.raises(UserError) as e:
+        render(parse_cluster(doc), "serve", source="c.yaml")
+    assert str(e.value).startswith("model.checkpoint: needed to serve (the preset 'maverick' is only a shape)")
