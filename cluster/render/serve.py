@@ -39,21 +39,36 @@ def require_servable(spec: ClusterSpec) -> None:
                         exit_code=1)
 
 
-def serve_args(spec: ClusterSpec) -> dict[str, Any]:
-    """The `args` of herd's Serve application: what `build_app(args)` receives."""
+def serve_args(spec: ClusterSpec, absolute_paths: bool = True) -> dict[str, Any]:
+    """The `args` of herd's Serve application: what `build_app(args)` receives (serving/api/config.py).
+
+    Relative local paths (checkpoint, keys file, placement file) are made absolute from the current directory,
+    since Serve replicas run elsewhere; rendered files keep them as written (`absolute_paths=False`).
+    """
     s, group = spec.serving, spec.serving_group
+    fix = _absolute if absolute_paths else (lambda p: p)
     args: dict[str, Any] = {
-        "model": spec.model.checkpoint,
+        "model": fix(spec.model.checkpoint),
         "expert_parallel_size": spec.expert_parallel_size,
         "tensor_parallel_size": group.gpus_per_node,
         "max_model_len": s.max_context_len,
         "max_num_seqs": s.max_concurrent_sequences,
         "served_model_name": spec.served_model_name,
     }
+    if spec.model.weight_dtype in ("bf16", "fp32"):
+        args["dtype"] = {"bf16": "bfloat16", "fp32": "float32"}[spec.model.weight_dtype]
+    if group.kind.is_cpu:
+        args["device"] = "cpu"
+    else:
+        args["device"] = "cuda"
+        # one GPU per expert-parallel worker; a one-GPU replica runs the model inside the replica itself
+        args.update({"worker_num_gpus": 1, "worker_num_cpus": 1} if spec.expert_parallel_size > 1
+                    else {"replica_num_gpus": 1, "replica_num_cpus": 1})
+    args["product"] = spec.licensing.product
     if s.api_keys_file:
-        args["api_keys_file"] = s.api_keys_file
+        args["api_keys_file"] = fix(s.api_keys_file)
     if s.placement_file:
-        args["placement_file"] = s.placement_file
+        args["placement_file"] = fix(s.placement_file)
     if s.replicas > 1:
         args["num_replicas"] = s.replicas
     return args
@@ -73,8 +88,14 @@ def serve_config(spec: ClusterSpec) -> dict[str, Any]:
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
             "runtime_env": {"env_vars": env_vars(spec)},
-            "args": serve_args(spec),
+            "args": serve_args(spec, absolute_paths=False),
         }],
     }
     validate_serve_config(config)
     return config
+
+
+def _absolute(path: str) -> str:
+    from pathlib import Path
+
+    return path if "://" in path else str(Path(path).resolve())

@@ -71,6 +71,7 @@ def test_serve_config_passes_serve_deploy_schema_with_build_app_args(tmp_path):
     assert app["args"] == {
         "model": "s3://bucket/maverick", "expert_parallel_size": 16, "tensor_parallel_size": 8,
         "max_model_len": 65536, "max_num_seqs": 32, "served_model_name": "llama4-maverick",
+        "dtype": "bfloat16", "device": "cuda", "worker_num_gpus": 1, "worker_num_cpus": 1, "product": "llm-api",
         "api_keys_file": "/etc/herd/keys/keys.yaml", "placement_file": placement}
     env = app["runtime_env"]["env_vars"]
     assert env["HERD_LICENSING_KEY_ENV"] == "HERD_LICENSING_KEY" and "HERD_LICENSING_KEY" not in env
@@ -175,3 +176,30 @@ def test_serve_needs_a_checkpoint_not_just_a_preset():
     with pytest.raises(UserError) as e:
         render(parse_cluster(doc), "serve", source="c.yaml")
     assert str(e.value).startswith("model.checkpoint: needed to serve (the preset 'maverick' is only a shape)")
+
+
+def test_serve_args_are_what_the_serving_app_accepts():
+    """The contract with serving/: build_app's own closed argument schema accepts every rendered args dict."""
+    from cluster.render.serve import serve_args
+    from serving.api.config import parse_args
+
+    for kw in (BF16_2X8, dict(preset="scout", dtype="bf16", gpus=8), dict(preset="scout", dtype="bf16", gpus=2,
+                                                                           count=2, replicas=2)):
+        spec = parse_cluster(cluster_doc(**kw))
+        a = parse_args(serve_args(spec))
+        assert a.expert_parallel_size == spec.expert_parallel_size and a.num_replicas == spec.serving.replicas
+    a = parse_args(serve_args(parse_cluster(cluster_doc(preset="scout", dtype="bf16", gpus=1))))
+    assert (a.replica_num_gpus, a.expert_parallel_size, a.device) == (1, 1, "cuda")
+
+
+def test_serve_args_resolve_relative_paths_for_herd_serve(tmp_path, monkeypatch):
+    from cluster.render.serve import serve_args
+
+    monkeypatch.chdir(tmp_path)
+    doc = cluster_doc(count=2, nodes_per_replica=2, api_keys_file="keys.yaml")
+    doc["model"]["checkpoint"] = "ckpt/maverick"
+    spec = parse_cluster(doc)
+    args = serve_args(spec)
+    assert args["model"] == str(tmp_path / "ckpt/maverick") and args["api_keys_file"] == str(tmp_path / "keys.yaml")
+    assert serve_args(spec, absolute_paths=False)["model"] == "ckpt/maverick"
+    assert serve_args(parse_cluster(cluster_doc(count=2, nodes_per_replica=2)))["model"] == "s3://bucket/maverick"
