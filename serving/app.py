@@ -9,7 +9,8 @@ serving/api/config.py); `herd serve` calls it too. A model replica reserves its 
 bundles through Serve's `placement_group_bundles` (bundle 0 is the replica itself), so Serve scales and restarts
 whole model copies, and the engine places its workers in that group.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` type of the route methods
+# (Serve rebuilds the ingress class, and string annotations then resolve to nothing, giving 422s).
 
 import asyncio
 import logging
@@ -50,6 +51,7 @@ class Ingress:
     def __init__(self, model_handle, args: dict, key_digests: dict[str, str]):
         from serving.api.auth import KeyChecker
         from serving.api.metrics import hub_handle
+        from serving.api.routes import is_backpressure
         from serving.usage import make_recorder
 
         self.args = ServeArgs.model_validate(args)
@@ -57,7 +59,7 @@ class Ingress:
         self.hub = hub_handle(self.args.app_name)
         self.recorder = make_recorder()
         self.server = OpenAIServer(self.args.model_name, self.args.max_model_len or 0, self._generate,
-                                   self._metrics, KeyChecker(key_digests), self.recorder, _is_backpressure)
+                                   self._metrics, KeyChecker(key_digests), self.recorder, is_backpressure)
 
     async def _generate(self, job: dict):
         stream = self.model.options(stream=True).generate.remote(job)
@@ -107,12 +109,6 @@ class Ingress:
                 close()
             except Exception:
                 pass
-
-
-def _is_backpressure(e: BaseException) -> bool:
-    from ray.serve.exceptions import BackPressureError
-
-    return isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__
 
 
 def model_deployment_options(a: ServeArgs) -> dict:

@@ -28,7 +28,7 @@ class ServeArgs(BaseModel):
     max_model_len: Optional[int] = Field(None, ge=16, description="Longest sequence (prompt + completion), tokens; "
                                                                   "default: the checkpoint's.")
     max_num_seqs: int = Field(8, ge=1, le=65536, description="Sequences one replica runs at once (KV slots).")
-    max_waiting_requests: int = Field(32, ge=0, le=1_000_000, description="Requests a replica queues beyond "
+    max_waiting_requests: int = Field(32, ge=1, le=1_000_000, description="Requests a replica queues beyond "
                                                                           "max_num_seqs; more get 503.")
     num_replicas: int = Field(1, ge=1, le=1024, description="Model replicas (whole copies of the model).")
     api_keys_file: Optional[str] = Field(None, description="YAML mapping API keys to identities; none: no auth.")

@@ -39,7 +39,7 @@ class ModelServer:
         self.engine = _build_engine(self.args)
         self.llm = self.engine.engine  # the synchronous LLMEngine: tokenizer, chat template, stats
         self.max_model_len = self.llm.max_model_len
-        self.vocab_size = len(self.llm.tokenizer)
+        self.vocab_size = self.llm.config.vocab_size
         self.metrics = ReplicaMetrics()
         self.hub = hub_handle(self.args.app_name)
         self.replica_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -48,7 +48,7 @@ class ModelServer:
     # ---- serve hooks ---------------------------------------------------------------------------------------
     async def check_health(self) -> None:
         self._ensure_pusher()
-        err = getattr(self.engine, "dead_error", None)
+        err = getattr(self.engine, "_dead", None)  # set when the engine loop stopped for good
         if err is not None:
             raise RuntimeError(f"engine stopped: {err.__class__.__name__}")
 
@@ -70,15 +70,17 @@ class ModelServer:
         from serving.engine.errors import QueueFullError
 
         t_arrival = time.time()
-        deltas = self.engine.add_request(rid, prompt_ids, params)
+        try:
+            deltas = self.engine.add_request(rid, prompt_ids, params)
+        except QueueFullError:
+            yield {"error": queue_full(self.args.retry_after_s).to_dict()}
+            return
+        except ValueError as e:  # the engine's own input checks, should ours have missed one
+            yield {"error": bad_request(str(e), code="invalid_value").to_dict()}
+            return
         finished = False
         try:
-            try:
-                delta = await deltas.__anext__()
-            except QueueFullError:
-                finished = True  # never admitted: nothing to abort
-                yield {"error": queue_full(self.args.retry_after_s).to_dict()}
-                return
+            delta = await deltas.__anext__()
             tracker = _RequestTimes(self.metrics, t_arrival, len(prompt_ids))
             if job["stream"]:
                 first = True

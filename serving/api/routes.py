@@ -31,6 +31,13 @@ log = logging.getLogger("herd.serving.http")
 Generate = Callable[[dict], AsyncIterator[dict]]
 
 
+def is_backpressure(e: BaseException) -> bool:
+    """Serve refused the call because every model replica's queue is full (max_queued_requests)."""
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(e, BackPressureError)
+
+
 def error_response(err: ApiError):
     from fastapi.responses import JSONResponse
 

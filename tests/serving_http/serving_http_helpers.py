@@ -1,0 +1,62 @@
+"""Helpers for the HTTP tests: deploy/delete herd's Serve app, read Prometheus samples, the shared constants."""
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+_ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+_spec = importlib.util.spec_from_file_location("herd_tests_root_conftest", _ROOT_CONFTEST)
+_root = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_root)
+free_port = _root.free_port
+
+MAX_MODEL_LEN = 96
+API_KEY = "sk-test-team-search-0123456789abcdef"
+API_IDENTITY = "team-search"
+
+
+def deploy_app(name: str, port: int, **args):
+    """Deploy herd's app (build_app with `args`) at / and wait until it answers; returns the base URL."""
+    import httpx
+    from ray import serve
+
+    from serving.app import build_app
+
+    args.setdefault("max_model_len", MAX_MODEL_LEN)
+    args.setdefault("dtype", "float32")
+    args.setdefault("served_model_name", "scout-tiny")
+    args.setdefault("app_name", name)
+    args.setdefault("replica_num_cpus", 0.25)
+    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"app {name} did not answer on {base} within 120 s")
+
+
+def delete_app(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name, _blocking=True)
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """The value of one Prometheus sample (summing every series that matches the given labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total, found = 0.0, False
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+                found = True
+    if not found:
+        raise KeyError(f"no sample {name} {labels} in /metrics")
+    return total
