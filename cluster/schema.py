@@ -13,12 +13,26 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.gpus import GIB, GPU_KINDS, GpuKind
 from herd.errors import UserError
 from llama4.config import TextConfig
 
+def _location(v: str | None) -> str | None:
+    """A local path or s3://bucket[/prefix]: the two places herd reads and writes."""
+    if v is None:
+        return v
+    if "://" in v and not v.startswith("s3://"):
+        raise ValueError(f"{v.split('://')[0]}:// is not supported; use a local path or s3://bucket/prefix")
+    if v.startswith("s3://") and not v[5:].split("/")[0]:
+        raise ValueError("s3:// URI has no bucket; write s3://bucket/prefix")
+    if not v.strip():
+        raise ValueError("empty path; give a local path or s3://bucket/prefix")
+    return v
+
+
+Location = Annotated[str, AfterValidator(_location)]
 WeightDtype = Literal["bf16", "fp8", "int4", "fp32"]
 KVDtype = Literal["bf16", "fp8", "fp32"]
 
@@ -96,7 +110,7 @@ class Model(_Closed):
     """The model: its shape (a preset or a checkpoint's config.json) and the dtypes it is held in."""
 
     preset: str | None = Field(None, description="llama4 preset name (scout, maverick, maverick-tiny, ...)")
-    checkpoint: str | None = Field(None, description="checkpoint folder or s3:// URI in the Hugging Face layout")
+    checkpoint: Location | None = Field(None, description="checkpoint folder or s3:// URI in the Hugging Face layout")
     weight_dtype: WeightDtype = Field("bf16", description="bf16, fp8 (routed experts in fp8, as Meta released), "
                                                           "int4 (every linear weight, group scales) or fp32")
     kv_cache_dtype: KVDtype = Field("bf16", description="KV-cache dtype: bf16, fp8 or fp32")
@@ -126,15 +140,16 @@ class Serving(_Closed):
 class Storage(_Closed):
     """Where herd keeps checkpoints, adapters and records."""
 
-    uri: str = Field("./herd-data", description="local folder or s3://bucket/prefix")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, Ceph, ...)")
+    uri: Location = Field("./herd-data", description="local folder or s3://bucket/prefix")
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/]+", description="S3-compatible endpoint URL "
+                                                                                   "(http(s)://host[:port])")
     region: str | None = Field(None, description="S3 region")
 
 
 class Licensing(_Closed):
     """Llama 4 licence bookkeeping: where monthly-active-user records go."""
 
-    store: str | None = Field(None, description="local folder or s3:// prefix (default: <storage.uri>/licensing)")
+    store: Location | None = Field(None, description="local folder or s3:// prefix (default: <storage.uri>/licensing)")
     key_env: str = Field("HERD_LICENSING_KEY", pattern=r"^[A-Z_][A-Z0-9_]*$",
                          description="environment variable holding the user-ID hashing key (never the key)")
     product: str = Field("llm-api", min_length=1, description="product name the served requests count under")
@@ -204,18 +219,33 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     try:
         import yaml
 
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise ClusterFileError(f"{path}: no such file; give the path of a cluster YAML (see infra/clusters/)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ClusterFileError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-    return parse_cluster(raw, source=str(path))
+    return parse_cluster(raw, source=str(path), lines=_key_lines(text))
 
 
-def parse_cluster(raw: Any, source: str = "<cluster>") -> ClusterSpec:
-    """Validate an already-parsed cluster document (what `load_cluster` does after reading YAML)."""
+def parse_cluster(raw: Any, source: str = "<cluster>", lines: dict[tuple, int] | None = None) -> ClusterSpec:
+    """Validate an already-parsed cluster document (what `load_cluster` does after reading YAML).
+
+    `lines` maps YAML paths to line numbers, so errors read `file:line: path: problem`.
+    """
+    try:
+        return _parse(raw, source)
+    except ClusterFileError as e:
+        if not lines:
+            raise
+        msg = str(e)[len(source) + 2:]
+        line = _line_for(_path_loc(msg.split(":", 1)[0]), lines)
+        raise ClusterFileError(f"{source}:{line}: {msg}" if line else str(e)) from None
+
+
+def _parse(raw: Any, source: str) -> ClusterSpec:
     if not isinstance(raw, dict):
         raise ClusterFileError(f"{source}: the file must be a YAML mapping with keys name, node_groups, model, ...; "
                                f"got {type(raw).__name__}")
@@ -297,6 +327,44 @@ def _check_checkpoint_matches_preset(m: Model, cfg: TextConfig) -> None:
 
 
 # ---- error text --------------------------------------------------------------------------------------------
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Line number (1-based) of every key and list item in a YAML document, by its path."""
+    import yaml
+
+    out: dict[tuple, int] = {}
+
+    def walk(node: Any, loc: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                out[loc + (k.value,)] = k.start_mark.line + 1
+                walk(v, loc + (k.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[loc + (i,)] = v.start_mark.line + 1
+                walk(v, loc + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def _path_loc(path: str) -> tuple:
+    """'node_groups[0].gpus_per_node' -> ('node_groups', 0, 'gpus_per_node')."""
+    import re
+
+    return tuple(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path))
+
+
+def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    """The line of the deepest part of `loc` the file has (a missing key: its section's line)."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
 
 def did_you_mean(word: str, choices: Any) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)

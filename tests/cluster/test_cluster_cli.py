@@ -40,7 +40,8 @@ def test_plan_invalid_file_exit_2_one_line(write_cluster, capsys):
     rc = main(["plan", str(path)])
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == ""
-    assert captured.err == (f"herd: error: {path}: node_groups[0].gpus_per_nod: unknown key (did you mean "
+    line = path.read_text().splitlines().index("  gpus_per_nod: 8") + 1
+    assert captured.err == (f"herd: error: {path}:{line}: node_groups[0].gpus_per_nod: unknown key (did you mean "
                             "'gpus_per_node'?); valid keys in node_groups[0]: name, gpu, gpu_memory_gib, gpus_per_node,"
                             " count, cpus, ram_gib, price_per_hour, instance_type, disk_gib\n")
 

@@ -145,3 +145,34 @@ def test_misspelt_required_key_reports_the_misspelling_not_the_missing_key():
     msg = _error(doc)
     assert msg.startswith("c.yaml: node_groups[0].gpus_per_nod: unknown key (did you mean 'gpus_per_node'?)")
     assert msg.endswith("(1 more problem after this one)")
+
+
+def test_errors_from_a_file_carry_the_line(write_cluster):
+    doc = cluster_doc(expert_parallel_size=16)
+    path = write_cluster(doc)
+    text = path.read_text().splitlines()
+    with pytest.raises(ClusterFileError) as e:
+        load_cluster(path)
+    line = text.index("  expert_parallel_size: 16") + 1
+    assert str(e.value).startswith(f"{path}:{line}: serving.expert_parallel_size: 16 does not match")
+    doc = cluster_doc()
+    del doc["node_groups"][0]["cpus"]
+    path = write_cluster(doc, "b.yaml")
+    with pytest.raises(ClusterFileError) as e:
+        load_cluster(path)
+    line = path.read_text().splitlines().index("- name: gpu") + 1  # a missing key: its section's line
+    assert str(e.value) == f"{path}:{line}: node_groups[0].cpus: missing; add it (CPUs Ray may use on each node)"
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("model", "checkpoint", "gs://b/m", "model.checkpoint: 'gs://b/m' is not accepted: gs:// is not supported; use a "
+                                        "local path or s3://bucket/prefix"),
+    ("storage", "uri", "s3:///x", "storage.uri: 's3:///x' is not accepted: s3:// URI has no bucket"),
+    ("storage", "endpoint_url", "localhost:9000", "storage.endpoint_url: 'localhost:9000' is not accepted"),
+    ("licensing", "alert_levels", [50, -1], "licensing.alert_levels[1]: -1 is not accepted: Input should be greater "
+                                            "than 0; set it to alert levels, percent of the 700M MAU threshold"),
+])
+def test_locations_and_lists(section, key, value, message):
+    doc = cluster_doc()
+    doc.setdefault(section, {})[key] = value
+    assert _error(doc).startswith(f"c.yaml: {message}")
