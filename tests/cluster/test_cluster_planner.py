@@ -5,6 +5,7 @@ import pytest
 from conftest import cluster_doc
 
 from cluster.planner import plan
+from cluster.report import format_plan
 from cluster.schema import parse_cluster
 from llama4.presets import get_preset
 from llama4.sizing import kv_bytes_per_token, param_counts
@@ -149,3 +150,34 @@ def test_plan_json_carries_the_figures():
     assert d["per_gpu"]["headroom"] == p.per_gpu.headroom
     assert d["kv"]["sequences_per_node"] == p.kv.sequences_per_node
     assert d["placement"]["workers"][1] == {"rank": 1, "node": 0, "gpu": 1, "experts": list(range(16, 32))}
+
+
+def test_several_node_groups_serving_group_and_cost():
+    doc = cluster_doc(preset="maverick", dtype="fp8", node_group="big")
+    doc["node_groups"].append({"name": "big", "gpu": "H200-141GB", "gpus_per_node": 8, "count": 1, "cpus": 180,
+                               "ram_gib": 1800, "price_per_hour": 120.0})
+    p = plan(parse_cluster(doc))
+    assert p.fits and p.layout["node_group"] == "big" and p.layout["node_group_index"] == 1
+    assert p.per_gpu.total == 143771 * 2**20
+    assert p.cost.per_hour == pytest.approx(98.0 + 120.0 + 0.5)  # every group is billed, used or not
+
+
+def test_memory_override_and_cpu_workers_share_node_ram():
+    doc = cluster_doc(preset="maverick", dtype="fp8")
+    doc["node_groups"][0]["gpu_memory_gib"] = 40
+    p = plan(parse_cluster(doc))
+    assert p.per_gpu.total == 40 * 2**30 and not p.fits
+    cpu = cluster_doc(preset="maverick-tiny", dtype="fp32", gpu="cpu", gpus=2, max_context_len=1024)
+    cpu["node_groups"][0]["ram_gib"] = 8
+    p = plan(parse_cluster(cpu))
+    assert p.per_gpu.total == 4 * 2**30  # 8 GiB over 2 worker processes
+    assert p.layout["gpus_per_node"] == 0 and p.layout["workers_per_node"] == 2
+    assert "  node 0 worker 1: experts 64-127" in format_plan(p)
+
+
+def test_report_text_for_a_plan_that_does_not_fit():
+    p = _plan(preset="maverick", dtype="bf16")
+    text = format_plan(p, "c.yaml")
+    assert text.startswith("herd plan: test (c.yaml)\n")
+    assert "  routed-expert slice      96.64 GB" in text
+    assert text.splitlines()[-5] == "DOES NOT FIT" and text.splitlines()[-4].startswith("  because weights need")
