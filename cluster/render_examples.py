@@ -20,7 +20,7 @@ EXAMPLES: list[tuple[str, str, str, str | None]] = [
     ("infra/clusters/maverick-bf16-2x8.yaml", "kuberay-service",
      "infra/rendered/maverick-bf16-2x8/kuberay-service.yaml", None),
     ("infra/clusters/maverick-bf16-2x8.yaml", "kuberay-job", "infra/rendered/maverick-bf16-2x8/kuberay-job.yaml",
-     "/opt/herd/jobs/maverick-lora.yaml"),
+     "/opt/herd/finetune/examples/support-gpu-zero3.yaml"),
     ("infra/clusters/scout-int4-1gpu.yaml", "ray-cluster", "infra/rendered/scout-int4-1gpu/ray-cluster.yaml", None),
 ]
 
