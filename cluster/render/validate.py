@@ -1,7 +1,8 @@
 """Checks every rendered file passes before it is written: Ray's own schemas, and KubeRay's structure.
 
-Ray ships a JSON schema for cluster launcher files (`ray/autoscaler/ray-schema.json`) and pydantic models
-for Serve configs (`ray.serve.schema.ServeDeploySchema`); both are used as is. No KubeRay schema ships with
+Ray ships a JSON schema for cluster launcher files (`ray/autoscaler/ray-schema.json`, also checked after
+filling in defaults as `ray up` does) and pydantic models for Serve configs (`ray.serve.schema.ServeDeploySchema`);
+both are used as is. No KubeRay schema ships with
 Ray, so `check_kuberay` asserts the structure KubeRay's CRDs require (apiVersion ray.io/v1, head and worker
 group specs with container resources, GPU requests on GPU groups, a Serve config inside a RayService).
 """
@@ -23,13 +24,21 @@ def ray_schema() -> dict[str, Any]:
 
 
 def validate_ray_cluster(config: dict[str, Any]) -> None:
+    """ray-schema.json, then what `ray up` itself runs: fill in the provider's defaults and validate again."""
+    import copy
+
     import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     try:
         jsonschema.validate(config, ray_schema())
     except jsonschema.ValidationError as e:
         raise RenderValidationError(f"ray-schema.json rejects the cluster config at "
                                     f"{'/'.join(map(str, e.absolute_path))}: {e.message}") from None
+    try:
+        validate_config(prepare_config(copy.deepcopy(config)))
+    except (ValueError, RuntimeError, jsonschema.ValidationError) as e:
+        raise RenderValidationError(f"ray up would reject the cluster config: {e}") from None
 
 
 def validate_serve_config(config: dict[str, Any]) -> None:

@@ -57,6 +57,10 @@ def test_the_validator_rejects_what_ray_rejects():
         validate_ray_cluster(doc)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, _ray_schema())
+    doc = _render("ray-cluster", **BF16_2X8)
+    doc["head_node_type"] = "gpu-head"  # schema-valid, but `ray up` refuses it
+    with pytest.raises(RenderValidationError, match="ray up would reject .*head_node_type"):
+        validate_ray_cluster(doc)
 
 
 def test_serve_config_passes_serve_deploy_schema_with_build_app_args(tmp_path):
