@@ -145,7 +145,7 @@ def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", ex
                       max_num_seqs: int = 32, max_model_len: int = 4096, kv_cache_memory_bytes=None,
                       weights: str | None = None, s3_endpoint_url: str | None = None, cache_dir: str | None = None,
                       num_cpus_per_worker: float = 0.5, num_gpus_per_worker: float = 0.0,
-                      step_timeout_s: float = 60.0) -> EPExecutor:
+                      num_threads_per_worker: int = 1, step_timeout_s: float = 60.0) -> EPExecutor:
     """Start the group on the running Ray cluster (or a local one) and load each worker's share.
 
     path: the checkpoint folder the engine reads config and tokenizer from; `weights` (default: path) is where
@@ -173,7 +173,7 @@ def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", ex
     slots_per_node = -(-max_num_seqs // spec.num_nodes)
     shard_spec = ShardSpec(str(weights or path), raw_config, dtype, placement.to_json(), slots_per_node,
                            max_model_len, s3_endpoint_url, cache_dir or str(Path(tempfile.gettempdir()) / "herd-s3"))
-    group = ExpertParallelGroup(spec, EPWorker).start()
+    group = ExpertParallelGroup(spec, EPWorker, {"num_threads": num_threads_per_worker}).start()
     try:
         return EPExecutor(group, shard_spec, max_num_seqs, max_model_len, step_timeout_s=step_timeout_s)
     except BaseException:

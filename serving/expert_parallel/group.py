@@ -189,7 +189,7 @@ class ExpertParallelGroup:
                                f"{', on nodes ' + str(s.nodes) if s.nodes else ''}) within "
                                f"{s.ready_timeout_s:.0f}s: the cluster lacks the resources "
                                f"(check `ray status`)") from err
-        if not s.nodes and s.placement_group is None:
-            # Ranks follow Ray's choice of nodes, so that a node's workers are consecutive (one TP group).
+        if not s.nodes:
+            # Ranks follow the nodes Ray chose, so that a node's workers are consecutive (one TP group).
             where = placement_group_table(self._pg)["bundles_to_node_id"]
             self._bundles.sort(key=lambda b: (where.get(b, ""), b))

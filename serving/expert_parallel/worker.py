@@ -14,10 +14,10 @@ import socket
 class EPWorker:
     """Process-level state of one worker: rank, process groups, and (after `load`) a model shard."""
 
-    def __init__(self, rank: int, world_size: int, tp_size: int, **model_kwargs):
+    def __init__(self, rank: int, world_size: int, tp_size: int, num_threads: int = 1, **model_kwargs):
         import torch
 
-        torch.set_num_threads(1)  # several workers share the cores; more threads ran slower (NOTES-stack)
+        torch.set_num_threads(num_threads)  # workers share the cores; 1 each unless the CPU budget allows more
         self.rank, self.world_size, self.tp_size = rank, world_size, tp_size
         self.node = rank // tp_size
         self.tp_rank = rank % tp_size

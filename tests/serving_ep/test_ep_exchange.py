@@ -59,6 +59,27 @@ def test_bfloat16_rows_travel_bit_exact(group4):
         torch.testing.assert_close(o["y"], want, atol=0.05, rtol=0.05)  # bf16 compute, fp32 reference
 
 
+@pytest.mark.slow
+def test_an_existing_placement_group_is_used_and_left_in_place(ray_cluster):
+    """As inside a Serve replica: bundle 0 is the caller's, the workers take the last ones."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    pg = placement_group([{"CPU": 0.1}, {"CPU": 0.25, "node0": 0.001}, {"CPU": 0.25, "node1": 0.001}])
+    ray.get(pg.ready(), timeout=60)
+    group = ExpertParallelGroup(GroupSpec(2, placement_group=pg, num_cpus=0.25), EPWorker).start()
+    try:
+        assert sorted(_node_resource(ray_cluster, p["node_id"]) for p in group.placement) == ["node0", "node1"]
+        placement = PlacementMap.contiguous([1], E, 1, nodes=2)
+        out = group.call("run", run_trial, placement.to_json(), 1, D, I, 3, 1, 2)
+        for rank, o in enumerate(out):
+            torch.testing.assert_close(o["y"], reference(*worker_tokens(rank, 3, D, E, 1, 2), D, I, 2))
+    finally:
+        group.shutdown()
+    assert placement_group_table(pg)["state"] == "CREATED"  # not ours to remove
+    remove_placement_group(pg)
+
+
 def test_spec_rejects_a_layout_that_does_not_divide():
     with pytest.raises(ValueError, match=r"expert_parallel_size \(3\) must be a multiple of tensor_parallel_size \(2\)"):
         GroupSpec(3, tensor_parallel_size=2)
