@@ -1,4 +1,4 @@
-"""Cluster-file builders for the cluster tests: a minimal valid document to mutate, written to a YAML file."""
+"""Fixtures for the cluster tests: a builder of minimal valid cluster documents, and a writer to YAML files."""
 from __future__ import annotations
 
 import copy
@@ -7,10 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def cluster_doc(preset: str = "maverick", dtype: str = "bf16", gpu: str = "H100-80GB", gpus: int = 8,
+def _cluster_doc(preset: str = "maverick", dtype: str = "bf16", gpu: str = "H100-80GB", gpus: int = 8,
                 count: int = 1, nodes_per_replica: int = 1, **serving) -> dict:
     """A cluster document with one node group; `serving` keys override the defaults."""
     return {
@@ -22,6 +19,12 @@ def cluster_doc(preset: str = "maverick", dtype: str = "bf16", gpu: str = "H100-
         "model": {"preset": preset, "checkpoint": f"s3://bucket/{preset}", "weight_dtype": dtype},
         "serving": {"nodes_per_replica": nodes_per_replica, **serving},
     }
+
+
+@pytest.fixture
+def cluster_doc():
+    """The cluster-document builder (a fixture, since test modules cannot import a conftest by name)."""
+    return _cluster_doc
 
 
 @pytest.fixture

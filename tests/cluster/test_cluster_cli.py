@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
-from conftest import REPO, cluster_doc
 
 from cluster.placement import PlacementMap
 from herd.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_plan_fits_exit_0_with_per_gpu_figures(capsys):
@@ -24,7 +26,7 @@ def test_plan_fits_exit_0_with_per_gpu_figures(capsys):
     assert out.rstrip().endswith("FITS")
 
 
-def test_plan_does_not_fit_exit_1_with_reasons_and_fixes(write_cluster, capsys):
+def test_plan_does_not_fit_exit_1_with_reasons_and_fixes(cluster_doc, write_cluster, capsys):
     rc = main(["plan", str(write_cluster(cluster_doc(preset="maverick", dtype="bf16")))])
     out = capsys.readouterr().out
     assert rc == 1
@@ -33,7 +35,7 @@ def test_plan_does_not_fit_exit_1_with_reasons_and_fixes(write_cluster, capsys):
     assert "  fix: add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2)" in tail
 
 
-def test_plan_invalid_file_exit_2_one_line(write_cluster, capsys):
+def test_plan_invalid_file_exit_2_one_line(cluster_doc, write_cluster, capsys):
     doc = cluster_doc()
     doc["node_groups"][0]["gpus_per_nod"] = 8
     path = write_cluster(doc)
@@ -70,7 +72,7 @@ def test_render_writes_a_valid_file_and_refuses_fp8(tmp_path, capsys):
     assert "--target: unknown target 'srve' (did you mean 'serve'?)" in capsys.readouterr().err
 
 
-def test_herd_subprocess_entry_point(write_cluster):
+def test_herd_subprocess_entry_point(cluster_doc, write_cluster):
     """The real entry point: no traceback for a user mistake, exit code 2."""
     doc = cluster_doc(expert_parallel_size=16)
     proc = subprocess.run([sys.executable, "-m", "herd", "plan", str(write_cluster(doc))], cwd=REPO,
@@ -80,7 +82,7 @@ def test_herd_subprocess_entry_point(write_cluster):
     assert "serving.expert_parallel_size: 16 does not match the replica's GPUs" in proc.stderr
 
 
-def test_herd_subprocess_exit_1_when_it_does_not_fit(write_cluster):
+def test_herd_subprocess_exit_1_when_it_does_not_fit(cluster_doc, write_cluster):
     proc = subprocess.run([sys.executable, "-m", "herd", "plan", str(write_cluster(cluster_doc(dtype="bf16")))],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr

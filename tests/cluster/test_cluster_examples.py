@@ -1,12 +1,15 @@
 """infra/'s example clusters: each plans as documented, and every rendered file is up to date with its source."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from conftest import REPO
 
 from cluster.planner import plan
 from cluster.render_examples import EXAMPLES, render_example
 from cluster.schema import load_cluster
+
+REPO = Path(__file__).resolve().parents[2]
 
 EXPECTED_FIT = {"local": True, "maverick-fp8-1x8": True, "maverick-bf16-2x8": True, "scout-int4-1gpu": True}
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import cluster_doc
 
 from cluster.planner import plan
 from cluster.report import format_plan
@@ -11,37 +10,37 @@ from llama4.presets import get_preset
 from llama4.sizing import kv_bytes_per_token, param_counts
 
 
-def _plan(**kw):
+def _plan(cluster_doc, **kw):
     throughput = kw.pop("throughput", None)
     return plan(parse_cluster(cluster_doc(**kw)), throughput=throughput)
 
 
-def test_maverick_fp8_fits_one_8xh100_node():
-    p = _plan(preset="maverick", dtype="fp8")
+def test_maverick_fp8_fits_one_8xh100_node(cluster_doc):
+    p = _plan(cluster_doc, preset="maverick", dtype="fp8")
     assert p.fits, p.reasons
     assert p.layout["expert_parallel_size"] == 8
     assert p.placement.experts_on(0, 1) == list(range(16))
 
 
-def test_maverick_bf16_does_not_fit_one_node_but_fits_two():
-    one = _plan(preset="maverick", dtype="bf16")
+def test_maverick_bf16_does_not_fit_one_node_but_fits_two(cluster_doc):
+    one = _plan(cluster_doc, preset="maverick", dtype="bf16")
     assert not one.fits
     assert one.reasons[0].startswith("weights need 100.2 GB per GPU (3.5 non-expert + 96.6 routed experts)")
     assert "add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2)" in one.fixes
     assert "use a smaller weight dtype: set model.weight_dtype to fp8 (fits on 1 node(s) per replica; the engine " \
            "serves bf16/fp32 only today)" in one.fixes
     assert "use bigger GPUs: node_groups[0].gpu H200-141GB fits on 1 node(s) per replica" in one.fixes
-    two = _plan(preset="maverick", dtype="bf16", count=2, nodes_per_replica=2)
+    two = _plan(cluster_doc, preset="maverick", dtype="bf16", count=2, nodes_per_replica=2)
     assert two.fits, two.reasons
     # The worked example: about 3.5 GB non-expert and 48 GB routed experts per GPU.
     assert two.per_gpu.non_expert / 1e9 == pytest.approx(3.54, abs=0.01)
     assert two.per_gpu.routed_experts / 1e9 == pytest.approx(48.3, abs=0.1)
 
 
-def test_scout_int4_fits_one_h100():
-    p = _plan(preset="scout", dtype="int4", gpus=1)
+def test_scout_int4_fits_one_h100(cluster_doc):
+    p = _plan(cluster_doc, preset="scout", dtype="int4", gpus=1)
     assert p.fits, p.reasons
-    assert _plan(preset="scout", dtype="bf16", gpus=1).fits is False
+    assert _plan(cluster_doc, preset="scout", dtype="bf16", gpus=1).fits is False
 
 
 @pytest.mark.parametrize("preset,dtype,bytes_per_param,gpus,nodes", [
@@ -50,8 +49,8 @@ def test_scout_int4_fits_one_h100():
     ("scout", "bf16", 2.0, 8, 1),
     ("scout", "fp32", 4.0, 4, 1),
 ])
-def test_memory_figures_agree_with_param_counts(preset, dtype, bytes_per_param, gpus, nodes):
-    p = _plan(preset=preset, dtype=dtype, gpus=gpus, count=nodes, nodes_per_replica=nodes)
+def test_memory_figures_agree_with_param_counts(cluster_doc, preset, dtype, bytes_per_param, gpus, nodes):
+    p = _plan(cluster_doc, preset=preset, dtype=dtype, gpus=gpus, count=nodes, nodes_per_replica=nodes)
     counts = param_counts(get_preset(preset).text_config())
     expert_bytes = 1.0 if dtype == "fp8" else bytes_per_param  # fp8 is Meta's: experts fp8, the rest bf16
     other_bytes = 2.0 if dtype == "fp8" else bytes_per_param
@@ -61,8 +60,8 @@ def test_memory_figures_agree_with_param_counts(preset, dtype, bytes_per_param, 
     assert p.model["params_total"] == pytest.approx(get_preset(preset).released_params["total"], rel=0.01)
 
 
-def test_kv_counts_chunked_layers_up_to_the_chunk_only():
-    p = _plan(preset="maverick", dtype="fp8", max_context_len=131072, max_concurrent_sequences=4)
+def test_kv_counts_chunked_layers_up_to_the_chunk_only(cluster_doc):
+    p = _plan(cluster_doc, preset="maverick", dtype="fp8", max_context_len=131072, max_concurrent_sequences=4)
     cfg = get_preset("maverick").text_config()
     per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16
     assert p.kv.chunked_layers == 36 and p.kv.global_layers == 12 and p.kv.chunk_size == 8192
@@ -81,8 +80,8 @@ def test_kv_counts_chunked_layers_up_to_the_chunk_only():
     assert p.warnings[0].startswith("weight_dtype fp8 is planned")
 
 
-def test_concurrency_beyond_cache_is_a_warning_with_the_context_that_fits():
-    p = _plan(preset="maverick", dtype="fp8", max_context_len=131072, max_concurrent_sequences=200)
+def test_concurrency_beyond_cache_is_a_warning_with_the_context_that_fits(cluster_doc):
+    p = _plan(cluster_doc, preset="maverick", dtype="fp8", max_context_len=131072, max_concurrent_sequences=200)
     assert p.fits
     w = p.warnings[0]
     assert w.startswith(f"at full context (131072 tokens) the cache holds {p.kv.sequences_per_replica} sequences")
@@ -92,38 +91,38 @@ def test_concurrency_beyond_cache_is_a_warning_with_the_context_that_fits():
     assert f"all 200 fit when each is at most {c} tokens" in w
 
 
-def test_too_few_nodes_fails_with_the_count_to_set():
-    p = _plan(preset="maverick", dtype="bf16", count=1, nodes_per_replica=2)
+def test_too_few_nodes_fails_with_the_count_to_set(cluster_doc):
+    p = _plan(cluster_doc, preset="maverick", dtype="bf16", count=1, nodes_per_replica=2)
     assert not p.fits
     assert p.reasons == ["1 replica(s) x 2 node(s) need 2 nodes but node_groups[0] (gpu) has 1"]
     assert p.fixes == ["set node_groups[0].count to 2, or lower serving.replicas to 1"]
 
 
-def test_context_too_long_fix_lowers_it_to_a_context_that_fits():
+def test_context_too_long_fix_lowers_it_to_a_context_that_fits(cluster_doc):
     doc = dict(preset="scout", dtype="int4", gpus=1, max_context_len=500_000, max_concurrent_sequences=1)
-    p = _plan(**doc)
+    p = _plan(cluster_doc, **doc)
     assert not p.fits
     assert p.reasons[0].startswith("the KV cache (17.72 GB per GPU) cannot hold one 500000-token sequence")
     fix = next(f for f in p.fixes if f.startswith("lower the context"))
     ctx = int(fix.split("to ")[1].split()[0])
     assert ctx == p.kv.longest_context_per_node
-    assert _plan(**{**doc, "max_context_len": ctx}).fits
-    assert not _plan(**{**doc, "max_context_len": ctx + 64}).fits
+    assert _plan(cluster_doc, **{**doc, "max_context_len": ctx}).fits
+    assert not _plan(cluster_doc, **{**doc, "max_context_len": ctx + 64}).fits
     assert "halve the cache: set model.kv_cache_dtype to fp8" in p.fixes
     assert "add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2; fewer experts " \
            "per GPU leaves more cache)" in p.fixes
 
 
-def test_the_node_fix_fits_when_applied():
-    p = _plan(preset="maverick", dtype="bf16", gpu="A100-80GB")
+def test_the_node_fix_fits_when_applied(cluster_doc):
+    p = _plan(cluster_doc, preset="maverick", dtype="bf16", gpu="A100-80GB")
     fix = next(f for f in p.fixes if f.startswith("add nodes"))
     n = int(fix.split("nodes_per_replica to ")[1].split()[0])
     assert n == 2
-    assert _plan(preset="maverick", dtype="bf16", gpu="A100-80GB", count=n, nodes_per_replica=n).fits
+    assert _plan(cluster_doc, preset="maverick", dtype="bf16", gpu="A100-80GB", count=n, nodes_per_replica=n).fits
 
 
-def test_cost_per_hour_and_estimate_per_million_tokens():
-    p = _plan(preset="maverick", dtype="bf16", count=2, nodes_per_replica=2, throughput=4000)
+def test_cost_per_hour_and_estimate_per_million_tokens(cluster_doc):
+    p = _plan(cluster_doc, preset="maverick", dtype="bf16", count=2, nodes_per_replica=2, throughput=4000)
     assert p.cost.per_hour == pytest.approx(2 * 98.0 + 0.5)
     assert p.cost.per_million_tokens == pytest.approx((2 * 98.0 + 0.5) / (4000 * 3600) * 1e6)
     assert p.cost.assumption.startswith("estimate: assumes a sustained 4000")
@@ -133,17 +132,17 @@ def test_cost_per_hour_and_estimate_per_million_tokens():
     assert p.cost.per_hour is None and p.cost.missing_prices == ["node_groups[0] (gpu)"]
 
 
-def test_redundant_experts_cost_memory_on_the_busiest_gpu():
-    base = _plan(preset="maverick", dtype="fp8", count=3, nodes_per_replica=2)
-    red = _plan(preset="maverick", dtype="fp8", count=3, nodes_per_replica=2, redundant_experts=16)
+def test_redundant_experts_cost_memory_on_the_busiest_gpu(cluster_doc):
+    base = _plan(cluster_doc, preset="maverick", dtype="fp8", count=3, nodes_per_replica=2)
+    red = _plan(cluster_doc, preset="maverick", dtype="fp8", count=3, nodes_per_replica=2, redundant_experts=16)
     assert red.per_gpu.routed_experts == pytest.approx(base.per_gpu.routed_experts * 9 / 8)
     assert len(red.placement.copies(1, 0)) == 2 and len(red.placement.copies(1, 16)) == 1
 
 
-def test_plan_json_carries_the_figures():
+def test_plan_json_carries_the_figures(cluster_doc):
     import json
 
-    p = _plan(preset="maverick", dtype="fp8")
+    p = _plan(cluster_doc, preset="maverick", dtype="fp8")
     d = json.loads(p.to_json())
     assert d["fits"] is True
     assert d["per_gpu"]["routed_experts"] == p.per_gpu.routed_experts
@@ -152,7 +151,7 @@ def test_plan_json_carries_the_figures():
     assert d["placement"]["workers"][1] == {"rank": 1, "node": 0, "gpu": 1, "experts": list(range(16, 32))}
 
 
-def test_several_node_groups_serving_group_and_cost():
+def test_several_node_groups_serving_group_and_cost(cluster_doc):
     doc = cluster_doc(preset="maverick", dtype="fp8", node_group="big")
     doc["node_groups"].append({"name": "big", "gpu": "H200-141GB", "gpus_per_node": 8, "count": 1, "cpus": 180,
                                "ram_gib": 1800, "price_per_hour": 120.0})
@@ -162,7 +161,7 @@ def test_several_node_groups_serving_group_and_cost():
     assert p.cost.per_hour == pytest.approx(98.0 + 120.0 + 0.5)  # every group is billed, used or not
 
 
-def test_memory_override_and_cpu_workers_share_node_ram():
+def test_memory_override_and_cpu_workers_share_node_ram(cluster_doc):
     doc = cluster_doc(preset="maverick", dtype="fp8")
     doc["node_groups"][0]["gpu_memory_gib"] = 40
     p = plan(parse_cluster(doc))
@@ -175,8 +174,8 @@ def test_memory_override_and_cpu_workers_share_node_ram():
     assert "  node 0 worker 1: experts 64-127" in format_plan(p)
 
 
-def test_report_text_for_a_plan_that_does_not_fit():
-    p = _plan(preset="maverick", dtype="bf16")
+def test_report_text_for_a_plan_that_does_not_fit(cluster_doc):
+    p = _plan(cluster_doc, preset="maverick", dtype="bf16")
     text = format_plan(p, "c.yaml")
     assert text.startswith("herd plan: test (c.yaml)\n")
     assert "  routed-expert slice      96.64 GB" in text

@@ -7,7 +7,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from conftest import cluster_doc
 
 from cluster.render import render
 from cluster.render.validate import RenderValidationError, check_kuberay, validate_ray_cluster
@@ -27,7 +26,7 @@ def _serve_schema():
     return ServeDeploySchema
 
 
-def _render(target, job=None, **kw):
+def _render(cluster_doc, target, job=None, **kw):
     text = render(parse_cluster(cluster_doc(**kw)), target, source="c.yaml", job=job)
     assert text.startswith("# Rendered by herd from c.yaml; do not edit by hand.\n")
     return yaml.safe_load(text)
@@ -37,8 +36,8 @@ BF16_2X8 = dict(preset="maverick", dtype="bf16", count=2, nodes_per_replica=2, m
                 api_keys_file="/etc/herd/keys/keys.yaml")
 
 
-def test_ray_cluster_config_passes_rays_json_schema():
-    doc = _render("ray-cluster", **BF16_2X8)
+def test_ray_cluster_config_passes_rays_json_schema(cluster_doc):
+    doc = _render(cluster_doc, "ray-cluster", **BF16_2X8)
     jsonschema.validate(doc, _ray_schema())
     assert doc["provider"] == {"type": "aws", "region": "us-east-1", "cache_stopped_nodes": False}
     gpu = doc["available_node_types"]["gpu"]
@@ -50,25 +49,25 @@ def test_ray_cluster_config_passes_rays_json_schema():
     assert doc["docker"]["image"] == "ghcr.io/your-org/herd:0.1.0"
 
 
-def test_the_validator_rejects_what_ray_rejects():
-    doc = _render("ray-cluster", **BF16_2X8)
+def test_the_validator_rejects_what_ray_rejects(cluster_doc):
+    doc = _render(cluster_doc, "ray-cluster", **BF16_2X8)
     doc["available_node_types"]["gpu"]["resources"]["GPU"] = "8"  # Ray wants integers
     with pytest.raises(RenderValidationError, match="available_node_types/gpu/resources/GPU"):
         validate_ray_cluster(doc)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, _ray_schema())
-    doc = _render("ray-cluster", **BF16_2X8)
+    doc = _render(cluster_doc, "ray-cluster", **BF16_2X8)
     doc["head_node_type"] = "gpu-head"  # schema-valid, but `ray up` refuses it
     with pytest.raises(RenderValidationError, match="ray up would reject .*head_node_type"):
         validate_ray_cluster(doc)
 
 
-def test_serve_config_passes_serve_deploy_schema_with_build_app_args(tmp_path):
+def test_serve_config_passes_serve_deploy_schema_with_build_app_args(cluster_doc, tmp_path):
     from cluster.placement import PlacementMap
 
     placement = str(tmp_path / "placement.json")
     PlacementMap.contiguous(list(range(1, 48, 2)), 128, 8, nodes=2, redundant=0).save(placement)
-    doc = _render("serve", placement_file=placement, **BF16_2X8)
+    doc = _render(cluster_doc, "serve", placement_file=placement, **BF16_2X8)
     _serve_schema().model_validate(doc)
     app = doc["applications"][0]
     assert app["import_path"] == "serving.app:build_app"
@@ -81,8 +80,8 @@ def test_serve_config_passes_serve_deploy_schema_with_build_app_args(tmp_path):
     assert env["HERD_LICENSING_KEY_ENV"] == "HERD_LICENSING_KEY" and "HERD_LICENSING_KEY" not in env
 
 
-def test_kuberay_service_structure():
-    m = _render("kuberay-service", **BF16_2X8)
+def test_kuberay_service_structure(cluster_doc):
+    m = _render(cluster_doc, "kuberay-service", **BF16_2X8)
     check_kuberay(m)
     assert (m["apiVersion"], m["kind"]) == ("ray.io/v1", "RayService")
     serve = yaml.safe_load(m["spec"]["serveConfigV2"])
@@ -103,8 +102,8 @@ def test_kuberay_service_structure():
     assert {"name": "api-keys", "mountPath": "/etc/herd/keys", "readOnly": True} in worker["volumeMounts"]
 
 
-def test_kuberay_job_runs_the_finetune_entrypoint():
-    m = _render("kuberay-job", job="jobs/lora.yaml", **BF16_2X8)
+def test_kuberay_job_runs_the_finetune_entrypoint(cluster_doc):
+    m = _render(cluster_doc, "kuberay-job", job="jobs/lora.yaml", **BF16_2X8)
     check_kuberay(m)
     assert (m["apiVersion"], m["kind"]) == ("ray.io/v1", "RayJob")
     assert m["spec"]["entrypoint"] == "python -m finetune jobs/lora.yaml"
@@ -113,20 +112,20 @@ def test_kuberay_job_runs_the_finetune_entrypoint():
     assert m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "resources"]["limits"]["nvidia.com/gpu"] == "8"
     with pytest.raises(UserError, match="give the fine-tune job file with --job"):
-        _render("kuberay-job", **BF16_2X8)
+        _render(cluster_doc, "kuberay-job", **BF16_2X8)
 
 
-def test_check_kuberay_catches_broken_manifests():
-    m = _render("kuberay-service", **BF16_2X8)
+def test_check_kuberay_catches_broken_manifests(cluster_doc):
+    m = _render(cluster_doc, "kuberay-service", **BF16_2X8)
     m["apiVersion"] = "ray.io/v1alpha1"
     with pytest.raises(RenderValidationError, match="apiVersion must be ray.io/v1"):
         check_kuberay(m)
-    m = _render("kuberay-service", **BF16_2X8)
+    m = _render(cluster_doc, "kuberay-service", **BF16_2X8)
     m["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
         "requests"].pop("nvidia.com/gpu")
     with pytest.raises(RenderValidationError, match="GPU requests must equal limits"):
         check_kuberay(m)
-    m = _render("kuberay-service", **BF16_2X8)
+    m = _render(cluster_doc, "kuberay-service", **BF16_2X8)
     m["spec"]["serveConfigV2"] = "applications:\n- import_path: nodots\n"
     with pytest.raises(RenderValidationError, match="ServeDeploySchema rejects"):
         check_kuberay(m)
@@ -134,22 +133,22 @@ def test_check_kuberay_catches_broken_manifests():
 
 @pytest.mark.parametrize("dtype,missing", [("fp8", "an fp8 expert matmul"), ("int4", "int4 group-quantised")])
 @pytest.mark.parametrize("target", ["serve", "kuberay-service"])
-def test_serving_refuses_fp8_and_int4_naming_what_is_missing(dtype, missing, target):
+def test_serving_refuses_fp8_and_int4_naming_what_is_missing(cluster_doc, dtype, missing, target):
     with pytest.raises(UserError) as e:
-        _render(target, preset="maverick", dtype=dtype)
+        _render(cluster_doc, target, preset="maverick", dtype=dtype)
     assert str(e.value).startswith(f"model.weight_dtype {dtype}: herd plans {dtype} but cannot serve it yet; the "
                                    f"engine loads bf16/fp32 weights only and lacks {missing}")
-    _render("ray-cluster", preset="maverick", dtype=dtype)  # the cluster itself is fine
+    _render(cluster_doc, "ray-cluster", preset="maverick", dtype=dtype)  # the cluster itself is fine
 
 
-def test_serve_refuses_a_plan_that_does_not_fit():
+def test_serve_refuses_a_plan_that_does_not_fit(cluster_doc):
     with pytest.raises(UserError) as e:
-        _render("serve", preset="maverick", dtype="bf16")
+        _render(cluster_doc, "serve", preset="maverick", dtype="bf16")
     assert e.value.exit_code == 1
     assert str(e.value).startswith("the plan does not fit (weights need 100.2 GB per GPU")
 
 
-def test_ray_cluster_needs_aws_and_instance_types():
+def test_ray_cluster_needs_aws_and_instance_types(cluster_doc):
     doc = cluster_doc()
     doc["provider"] = {"cloud": "kubernetes"}
     with pytest.raises(UserError, match="provider.cloud: --target ray-cluster renders for aws"):
@@ -162,19 +161,19 @@ def test_ray_cluster_needs_aws_and_instance_types():
                             "p5.48xlarge); set it")
 
 
-def test_a_placement_file_for_another_layout_is_refused(tmp_path):
+def test_a_placement_file_for_another_layout_is_refused(cluster_doc, tmp_path):
     from cluster.placement import PlacementMap
     from cluster.schema import ClusterFileError
 
     placement = str(tmp_path / "placement.json")
     PlacementMap.contiguous(list(range(1, 48, 2)), 128, 8, nodes=1).save(placement)
     with pytest.raises(ClusterFileError) as e:
-        _render("serve", placement_file=placement, **BF16_2X8)
+        _render(cluster_doc, "serve", placement_file=placement, **BF16_2X8)
     assert str(e.value).startswith(f"serving.placement_file: {placement!r} is for 128 experts on workers [8] and MoE "
                                    "layers [1, 3, 5, 7]..., but this cluster has 128 experts on workers [8, 8]")
 
 
-def test_serve_needs_a_checkpoint_not_just_a_preset():
+def test_serve_needs_a_checkpoint_not_just_a_preset(cluster_doc):
     doc = cluster_doc(count=2, nodes_per_replica=2)
     del doc["model"]["checkpoint"]
     with pytest.raises(UserError) as e:
@@ -182,7 +181,7 @@ def test_serve_needs_a_checkpoint_not_just_a_preset():
     assert str(e.value).startswith("model.checkpoint: needed to serve (the preset 'maverick' is only a shape)")
 
 
-def test_serve_args_are_what_the_serving_app_accepts():
+def test_serve_args_are_what_the_serving_app_accepts(cluster_doc):
     """The contract with serving/: build_app's own closed argument schema accepts every rendered args dict."""
     from cluster.render.serve import serve_args
     from serving.api.config import parse_args
@@ -196,7 +195,7 @@ def test_serve_args_are_what_the_serving_app_accepts():
     assert (a.replica_num_gpus, a.expert_parallel_size, a.device) == (1, 1, "cuda")
 
 
-def test_serve_args_resolve_relative_paths_for_herd_serve(tmp_path, monkeypatch):
+def test_serve_args_resolve_relative_paths_for_herd_serve(cluster_doc, tmp_path, monkeypatch):
     from cluster.render.serve import serve_args
 
     monkeypatch.chdir(tmp_path)

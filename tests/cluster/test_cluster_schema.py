@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cluster_doc
 
 from cluster.schema import ClusterFileError, load_cluster, parse_cluster
 from llama4.presets import get_preset
@@ -18,7 +17,7 @@ def _error(doc, source="c.yaml") -> str:
     return msg
 
 
-def test_valid_file_loads_with_defaults(write_cluster):
+def test_valid_file_loads_with_defaults(cluster_doc, write_cluster):
     spec = load_cluster(write_cluster(cluster_doc()))
     assert spec.serving.replicas == 1 and spec.serving.gpu_memory_fraction == 0.9
     assert spec.expert_parallel_size == 8
@@ -26,7 +25,7 @@ def test_valid_file_loads_with_defaults(write_cluster):
     assert spec.served_model_name == "llama4-maverick"
 
 
-def test_wrong_type_names_path_value_and_fix():
+def test_wrong_type_names_path_value_and_fix(cluster_doc):
     doc = cluster_doc()
     doc["node_groups"][0]["gpus_per_node"] = "eight"
     assert _error(doc) == ("c.yaml: node_groups[0].gpus_per_node: 'eight' is not accepted: Input should be a valid "
@@ -34,7 +33,7 @@ def test_wrong_type_names_path_value_and_fix():
                            "worker processes per node)")
 
 
-def test_out_of_bounds_value():
+def test_out_of_bounds_value(cluster_doc):
     doc = cluster_doc(gpu_memory_fraction=1.5)
     msg = _error(doc)
     assert msg.startswith("c.yaml: serving.gpu_memory_fraction: 1.5 is not accepted: Input should be less than or "
@@ -48,7 +47,7 @@ def test_out_of_bounds_value():
     (("serving",), "max_context_length", "max_context_len"),
     (("model",), "weights_dtype", "weight_dtype"),
 ])
-def test_unknown_key_did_you_mean(where, key, suggestion):
+def test_unknown_key_did_you_mean(cluster_doc, where, key, suggestion):
     doc = cluster_doc()
     target = doc
     for part in where:
@@ -60,7 +59,7 @@ def test_unknown_key_did_you_mean(where, key, suggestion):
     assert f"valid keys in {path or 'the top level'}: " in msg
 
 
-def test_unknown_gpu_and_preset_suggest_names():
+def test_unknown_gpu_and_preset_suggest_names(cluster_doc):
     doc = cluster_doc()
     doc["node_groups"][0]["gpu"] = "H100"
     assert "node_groups[0].gpu: 'H100' is not accepted: unknown GPU kind (did you mean 'H100-80GB'?)" in _error(doc)
@@ -69,14 +68,14 @@ def test_unknown_gpu_and_preset_suggest_names():
                            "of: scout, maverick, scout-tiny, maverick-tiny, maverick-bench")
 
 
-def test_expert_parallel_size_must_match_replica_gpus():
+def test_expert_parallel_size_must_match_replica_gpus(cluster_doc):
     doc = cluster_doc(expert_parallel_size=16)
     assert _error(doc) == ("c.yaml: serving.expert_parallel_size: 16 does not match the replica's GPUs "
                            "(serving.nodes_per_replica 1 x node_groups[0].gpus_per_node 8 = 8); set it to 8 or "
                            "remove it")
 
 
-def test_expert_parallel_size_must_divide_experts():
+def test_expert_parallel_size_must_divide_experts(cluster_doc):
     doc = cluster_doc(count=3, nodes_per_replica=3)
     assert _error(doc) == ("c.yaml: serving.nodes_per_replica: expert-parallel size 24 (serving.nodes_per_replica 3"
                            " x node_groups[0].gpus_per_node 8) does not divide the model's 128 experts; use 1 or 2 "
@@ -88,7 +87,7 @@ def test_expert_parallel_size_must_divide_experts():
     parse_cluster(cluster_doc(count=3, nodes_per_replica=3, redundant_experts=16), "c.yaml")
 
 
-def test_missing_and_cross_field_errors():
+def test_missing_and_cross_field_errors(cluster_doc):
     doc = cluster_doc()
     del doc["model"]
     assert _error(doc) == "c.yaml: model: missing; add it (the model and its dtypes)"
@@ -125,7 +124,7 @@ def _checkpoint_dir(tmp_path, preset):
     return str(tmp_path / preset)
 
 
-def test_shape_from_checkpoint_config_and_mismatch(tmp_path):
+def test_shape_from_checkpoint_config_and_mismatch(cluster_doc, tmp_path):
     ckpt = _checkpoint_dir(tmp_path, "maverick-tiny")
     doc = cluster_doc()
     doc["model"] = {"checkpoint": ckpt}
@@ -139,7 +138,7 @@ def test_shape_from_checkpoint_config_and_mismatch(tmp_path):
     assert "has no config.json" in _error(doc)
 
 
-def test_misspelt_required_key_reports_the_misspelling_not_the_missing_key():
+def test_misspelt_required_key_reports_the_misspelling_not_the_missing_key(cluster_doc):
     doc = cluster_doc()
     doc["node_groups"][0]["gpus_per_nod"] = doc["node_groups"][0].pop("gpus_per_node")
     msg = _error(doc)
@@ -147,7 +146,7 @@ def test_misspelt_required_key_reports_the_misspelling_not_the_missing_key():
     assert msg.endswith("(1 more problem after this one)")
 
 
-def test_errors_from_a_file_carry_the_line(write_cluster):
+def test_errors_from_a_file_carry_the_line(cluster_doc, write_cluster):
     doc = cluster_doc(expert_parallel_size=16)
     path = write_cluster(doc)
     text = path.read_text().splitlines()
@@ -172,7 +171,7 @@ def test_errors_from_a_file_carry_the_line(write_cluster):
     ("licensing", "alert_levels", [50, -1], "licensing.alert_levels[1]: -1 is not accepted: Input should be greater "
                                             "than 0; set it to alert levels, percent of the 700M MAU threshold"),
 ])
-def test_locations_and_lists(section, key, value, message):
+def test_locations_and_lists(cluster_doc, section, key, value, message):
     doc = cluster_doc()
     doc.setdefault(section, {})[key] = value
     assert _error(doc).startswith(f"c.yaml: {message}")
