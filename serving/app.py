@@ -59,7 +59,8 @@ class Ingress:
         self.hub = hub_handle(self.args.app_name)
         self.recorder = make_recorder()
         self.server = OpenAIServer(self.args.model_name, self.args.max_model_len or 0, self._generate,
-                                   self._metrics, KeyChecker(key_digests), self.recorder, is_backpressure)
+                                   self._metrics, KeyChecker(key_digests), self.recorder, is_backpressure,
+                                   self.args.retry_after_s)
 
     async def _generate(self, job: dict):
         stream = self.model.options(stream=True).generate.remote(job)
@@ -115,9 +116,10 @@ def model_deployment_options(a: ServeArgs) -> dict:
     """Replicas, request bounds and resources of the model deployment (placement group bundles with EP)."""
     opts = {
         "num_replicas": a.num_replicas,
-        # A replica takes what its engine can run or queue; the handle queues a bounded number more, then 503.
-        "max_ongoing_requests": a.max_num_seqs + a.max_waiting_requests,
-        "max_queued_requests": max(a.max_waiting_requests, 1),
+        # A replica accepts more calls than its engine can run or queue, so the engine's bounded queue decides
+        # (503 at once, no waiting); the handle's own queue is a bounded backstop for bursts (503 past it).
+        "max_ongoing_requests": 2 * a.max_num_seqs + a.max_waiting_requests,
+        "max_queued_requests": a.max_num_seqs + a.max_waiting_requests,
         "ray_actor_options": {"num_cpus": a.replica_num_cpus, "num_gpus": a.replica_num_gpus},
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": 5,

@@ -49,7 +49,7 @@ class OpenAIServer:
 
     def __init__(self, model_name: str, max_model_len: int, generate: Generate,
                  metrics: Callable[[], Awaitable[bytes]], keys: KeyChecker, recorder: Recorder,
-                 is_backpressure: Callable[[BaseException], bool] = lambda e: False):
+                 is_backpressure: Callable[[BaseException], bool] = lambda e: False, retry_after_s: int = 1):
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.generate = generate
@@ -57,6 +57,7 @@ class OpenAIServer:
         self.keys = keys
         self.recorder = recorder
         self.is_backpressure = is_backpressure
+        self.retry_after_s = retry_after_s
         self.created = int(time.time())
 
     # ---- simple endpoints ------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ class OpenAIServer:
             return error_response(e)
         except Exception as e:
             if self.is_backpressure(e):
-                return error_response(queue_full())
+                return error_response(queue_full(self.retry_after_s))
             log.exception("request %s failed", rid)
             return error_response(internal_error(rid))
 
