@@ -147,15 +147,12 @@ class Storage(_Closed):
 
 
 class Licensing(_Closed):
-    """Llama 4 licence bookkeeping: where monthly-active-user records go."""
+    """Llama 4 licence bookkeeping for served requests (the hashing key stays in $HERD_LICENSING_KEY, never here)."""
 
-    store: Location | None = Field(None, description="local folder or s3:// prefix (default: <storage.uri>/licensing)")
-    key_env: str = Field("HERD_LICENSING_KEY", pattern=r"^[A-Z_][A-Z0-9_]*$",
-                         description="environment variable holding the user-ID hashing key (never the key)")
-    product: str = Field("llm-api", min_length=1, description="product name the served requests count under")
-    affiliate: str | None = Field(None, description="affiliate (company entity) the product belongs to")
-    alert_levels: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
-        [50, 80, 90, 100], description="alert levels, percent of the 700M MAU threshold")
+    store: Location | None = Field(None, description="local folder or s3:// prefix for MAU records "
+                                                      "(default: <storage.uri>/licensing)")
+    product: str = Field("llm-api", min_length=1, max_length=100,
+                         description="product name the served requests count under")
 
 
 class ClusterSpec(_Closed):

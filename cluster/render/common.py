@@ -24,18 +24,14 @@ def dump(doc: dict[str, Any], source: str, command: str) -> str:
 
 
 def env_vars(spec: ClusterSpec) -> dict[str, str]:
-    """Environment the herd processes need on every node; secrets are referenced by name, never inlined."""
-    lic = spec.licensing
-    env = {
-        "HERD_STORAGE_URI": spec.storage.uri,
-        "HERD_LICENSING_STORE": lic.store or spec.storage.uri.rstrip("/") + "/licensing",
-        "HERD_LICENSING_PRODUCT": lic.product,
-        "HERD_LICENSING_KEY_ENV": lic.key_env,
-    }
-    if lic.affiliate:
-        env["HERD_LICENSING_AFFILIATE"] = lic.affiliate
+    """Environment the herd processes read on every node; secrets are never inlined (see the renderers)."""
+    env = {"HERD_LICENSING_STORE": licensing_store(spec)}
     if spec.storage.endpoint_url:
-        env["AWS_ENDPOINT_URL_S3"] = spec.storage.endpoint_url
+        env["AWS_ENDPOINT_URL_S3"] = spec.storage.endpoint_url  # boto3 and pyarrow read it for S3 calls
     if spec.storage.region:
         env["AWS_DEFAULT_REGION"] = spec.storage.region
     return env
+
+
+def licensing_store(spec: ClusterSpec) -> str:
+    return spec.licensing.store or spec.storage.uri.rstrip("/") + "/licensing"

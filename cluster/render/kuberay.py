@@ -92,7 +92,7 @@ def _container(spec: ClusterSpec, name: str, cpus: int, ram_gib: float, gpus: in
     if gpus:
         res["nvidia.com/gpu"] = str(gpus)
     env = [{"name": k, "value": v} for k, v in env_vars(spec).items()]
-    env.append({"name": spec.licensing.key_env,
+    env.append({"name": "HERD_LICENSING_KEY",
                 "valueFrom": {"secretKeyRef": {"name": f"{spec.name}-secrets", "key": "licensing-key"}}})
     c: dict[str, Any] = {"name": name, "image": spec.runtime.image, "env": env,
                          "resources": {"limits": dict(res), "requests": dict(res)},

@@ -47,7 +47,8 @@ def ray_cluster_config(spec: ClusterSpec) -> dict[str, Any]:
     provider: dict[str, Any] = {"type": "aws", "region": spec.provider.region, "cache_stopped_nodes": False}
     if spec.provider.availability_zone:
         provider["availability_zone"] = spec.provider.availability_zone
-    env = " ".join(f"-e {k}={v}" for k, v in env_vars(spec).items())
+    # HERD_LICENSING_KEY passes through from the host's environment by name: its value is never in this file.
+    env = " ".join([f"-e {k}={v}" for k, v in env_vars(spec).items()] + ["-e HERD_LICENSING_KEY"])
     config = {
         "cluster_name": spec.name,
         "max_workers": sum(g.count for g in spec.node_groups),

@@ -77,7 +77,7 @@ def test_serve_config_passes_serve_deploy_schema_with_build_app_args(cluster_doc
         "dtype": "bfloat16", "device": "cuda", "worker_num_gpus": 1, "worker_num_cpus": 1, "product": "llm-api",
         "api_keys_file": "/etc/herd/keys/keys.yaml", "placement_file": placement}
     env = app["runtime_env"]["env_vars"]
-    assert env["HERD_LICENSING_KEY_ENV"] == "HERD_LICENSING_KEY" and "HERD_LICENSING_KEY" not in env
+    assert env == {"HERD_LICENSING_STORE": "./herd-data/licensing"}  # the key itself is never rendered
 
 
 def test_kuberay_service_structure(cluster_doc):
@@ -108,7 +108,7 @@ def test_kuberay_job_runs_the_finetune_entrypoint(cluster_doc):
     assert (m["apiVersion"], m["kind"]) == ("ray.io/v1", "RayJob")
     assert m["spec"]["entrypoint"] == "python -m finetune jobs/lora.yaml"
     assert m["spec"]["shutdownAfterJobFinishes"] is True
-    assert yaml.safe_load(m["spec"]["runtimeEnvYAML"])["env_vars"]["HERD_STORAGE_URI"] == "./herd-data"
+    assert yaml.safe_load(m["spec"]["runtimeEnvYAML"])["env_vars"]["HERD_LICENSING_STORE"] == "./herd-data/licensing"
     assert m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "resources"]["limits"]["nvidia.com/gpu"] == "8"
     with pytest.raises(UserError, match="give the fine-tune job file with --job"):

@@ -168,10 +168,16 @@ def test_errors_from_a_file_carry_the_line(cluster_doc, write_cluster):
                                         "local path or s3://bucket/prefix"),
     ("storage", "uri", "s3:///x", "storage.uri: 's3:///x' is not accepted: s3:// URI has no bucket"),
     ("storage", "endpoint_url", "localhost:9000", "storage.endpoint_url: 'localhost:9000' is not accepted"),
-    ("licensing", "alert_levels", [50, -1], "licensing.alert_levels[1]: -1 is not accepted: Input should be greater "
-                                            "than 0; set it to alert levels, percent of the 700M MAU threshold"),
+    ("licensing", "store", "http://x/y", "licensing.store: 'http://x/y' is not accepted: http:// is not supported"),
 ])
 def test_locations_and_lists(cluster_doc, section, key, value, message):
     doc = cluster_doc()
     doc.setdefault(section, {})[key] = value
     assert _error(doc).startswith(f"c.yaml: {message}")
+
+
+def test_a_list_item_of_the_wrong_type(cluster_doc):
+    doc = cluster_doc()
+    doc["node_groups"] = ["gpu"]
+    assert _error(doc) == ("c.yaml: node_groups[0]: 'gpu' is not accepted: Input should be a valid dictionary or "
+                           "instance of NodeGroup; set it to groups of identical worker nodes")
