@@ -60,8 +60,8 @@ def ray_cluster_config(spec: ClusterSpec) -> dict[str, Any]:
             "image": spec.runtime.image,
             "container_name": "herd",
             "pull_before_run": True,
-            # --shm-size: NCCL and Ray's object store use /dev/shm; the default 64 MB breaks both.
-            "run_options": ["--ulimit nofile=65536:65536", "--shm-size=64g", env],
+            # /dev/shm (NCCL, the object store) is sized by Ray's own detection from each node's memory.
+            "run_options": ["--ulimit nofile=65536:65536", env],
         },
         "head_node_type": "head",
         "available_node_types": node_types,
