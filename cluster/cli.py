@@ -17,15 +17,19 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plan")
     def plan_cmd(
-        cluster_file: Path = typer.Argument(..., help="Cluster YAML (see infra/clusters/)."),
+        cluster_file: Path = typer.Argument(None, help="Cluster YAML (see infra/clusters/)."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-        throughput: float = typer.Option(None, "--throughput", min=0.001,
+        throughput: float = typer.Option(None, "--throughput",
                                          help="Expected tokens/s over the whole cluster, for a cost per million "
                                               "tokens estimate."),
         placement_out: Path = typer.Option(None, "--placement-out",
                                            help="Write the expert placement map (JSON) the engine reads."),
     ) -> None:
         """Plan a cluster: does the model fit, with how much context, concurrency and cost."""
+        _require(cluster_file=cluster_file)
+        if throughput is not None and not throughput > 0:
+            raise UserError(f"--throughput: {throughput:g} tokens/s; give the expected tokens per second over the "
+                            "whole cluster, a number above 0")
         from cluster.planner import plan
         from cluster.report import format_plan
         from cluster.schema import load_cluster
@@ -45,13 +49,14 @@ def register(app: typer.Typer) -> None:
 
     @app.command("render")
     def render_cmd(
-        cluster_file: Path = typer.Argument(..., help="Cluster YAML (see infra/clusters/)."),
-        target: str = typer.Option(..., "--target",
+        cluster_file: Path = typer.Argument(None, help="Cluster YAML (see infra/clusters/)."),
+        target: str = typer.Option(None, "--target",
                                    help="ray-cluster, kuberay-service, kuberay-job or serve."),
-        out: Path = typer.Option(..., "-o", "--output", help="File to write."),
+        out: Path = typer.Option(None, "-o", "--output", help="File to write."),
         job: str = typer.Option(None, "--job", help="Fine-tune job file the RayJob runs (kuberay-job only)."),
     ) -> None:
         """Write a deployable config rendered from the cluster file, validated before it is written."""
+        _require(cluster_file=cluster_file, target=target, out=out)
         from cluster.render import TARGETS, render
         from cluster.schema import did_you_mean, load_cluster
 
@@ -66,3 +71,15 @@ def register(app: typer.Typer) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {target} config to {out}")
+
+
+_HOW = {"cluster_file": "give the cluster YAML, e.g. infra/clusters/local.yaml",
+        "target": "add --target ray-cluster, kuberay-service, kuberay-job or serve",
+        "out": "add -o FILE"}
+
+
+def _require(**given: object) -> None:
+    """Required arguments checked here, so a missing one is a one-line error rather than a usage traceback."""
+    for name, value in given.items():
+        if value is None:
+            raise UserError(f"missing {name.replace('_', ' ')}: {_HOW[name]}")

@@ -87,3 +87,16 @@ def test_herd_subprocess_exit_1_when_it_does_not_fit(cluster_doc, write_cluster)
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "DOES NOT FIT" in proc.stdout and proc.stderr == ""
+
+
+def test_missing_arguments_are_one_line_errors(capsys):
+    assert main(["render", "x.yaml", "-o", "out.yaml"]) == 2
+    assert capsys.readouterr().err == ("herd: error: missing target: add --target ray-cluster, kuberay-service, "
+                                       "kuberay-job or serve\n")
+    assert main(["render", "x.yaml", "--target", "serve"]) == 2
+    assert capsys.readouterr().err == "herd: error: missing out: add -o FILE\n"
+    assert main(["plan"]) == 2
+    assert capsys.readouterr().err == ("herd: error: missing cluster file: give the cluster YAML, e.g. "
+                                       "infra/clusters/local.yaml\n")
+    assert main(["plan", str(REPO / "infra/clusters/local.yaml"), "--throughput", "0"]) == 2
+    assert capsys.readouterr().err.startswith("herd: error: --throughput: 0 tokens/s; give the expected tokens")
