@@ -56,13 +56,15 @@ class EPExecutor:
         self.vocab_size = int((shard_spec.config.get("text_config") or shard_spec.config)["vocab_size"])
         self.tp = group.spec.tensor_parallel_size
         self.step_timeout_s, self.load_timeout_s = step_timeout_s, load_timeout_s
-        self.worker_bytes: list[dict] = []
+        self.worker_bytes: list[dict] = []  # per rank, from the latest load
+        self.load_history: list[list[dict]] = []  # every load's worker_bytes (first load, then each rebuild)
         self._node_of: dict[int, int] = {}  # seq_id -> node whose cache holds it
         self._to_free: list[list[int]] = [[] for _ in range(self.nodes)]
         self._load()
 
     def _load(self) -> None:
         self.worker_bytes = self.group.call("load", self.shard_spec, timeout=self.load_timeout_s)
+        self.load_history.append(self.worker_bytes)
         self._node_of.clear()
         self._to_free = [[] for _ in range(self.nodes)]
 
@@ -145,12 +147,15 @@ def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", ex
                       max_num_seqs: int = 32, max_model_len: int = 4096, kv_cache_memory_bytes=None,
                       weights: str | None = None, s3_endpoint_url: str | None = None, cache_dir: str | None = None,
                       num_cpus_per_worker: float = 0.5, num_gpus_per_worker: float = 0.0,
-                      num_threads_per_worker: int = 1, step_timeout_s: float = 60.0) -> EPExecutor:
+                      num_threads_per_worker: int = 1, step_timeout_s: float = 60.0,
+                      worker_env: dict[str, str] | None = None) -> EPExecutor:
     """Start the group on the running Ray cluster (or a local one) and load each worker's share.
 
     path: the checkpoint folder the engine reads config and tokenizer from; `weights` (default: path) is where
     workers read tensors: a folder every node can see, or `s3://bucket/prefix` (byte ranges, node-local cache
     in `cache_dir`). nodes: custom resource names pinning each node's workers (tests, fixed plans).
+    worker_env: environment variables for the workers (e.g. S3 credentials where nodes have no instance role;
+    nothing is copied from the driver's environment implicitly).
     """
     import ray
 
@@ -167,7 +172,7 @@ def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", ex
         ray.init(address="local", include_dashboard=False)
     spec = GroupSpec(expert_parallel_size, tensor_parallel_size, nodes=list(nodes) if nodes else None,
                      num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, placement_group=placement_group,
-                     collective_timeout_s=step_timeout_s)
+                     collective_timeout_s=step_timeout_s, env=dict(worker_env or {}))
     placement = resolve_placement(placement, cfg, spec)
     raw_config = json.loads((Path(path) / "config.json").read_text())
     slots_per_node = -(-max_num_seqs // spec.num_nodes)

@@ -1,6 +1,8 @@
 """Fixtures for the expert-parallel tests: the single-process reference on maverick-tiny, shared per session."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 PROMPTS = ["The quick brown fox", "Llama herds cross the", "Expert parallel test: one two three four five six",
@@ -30,25 +32,46 @@ def reference_tokens(reference_engine):
     return [o.outputs[0].token_ids for o in outs]
 
 
-def _ep_engine(path, ep: int, tp: int):
-    from serving.engine import LLMEngine
+@pytest.fixture(scope="session")
+def s3_checkpoint(s3_server, maverick_tiny, tmp_path_factory):
+    """maverick-tiny uploaded to the loopback S3 server; (url, endpoint, local metadata folder)."""
+    import uuid
 
-    return LLMEngine.from_pretrained(path, dtype="float32", max_num_seqs=8, max_model_len=256,
-                                     expert_parallel_size=ep, tensor_parallel_size=tp, nodes=["node0", "node1"],
-                                     num_cpus_per_worker=0.25)
+    import boto3
+
+    from serving.expert_parallel.s3 import S3Checkpoint, upload_checkpoint
+
+    bucket = f"ep-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/maverick-tiny"
+    upload_checkpoint(maverick_tiny, url, endpoint_url=s3_server)
+    tmp = tmp_path_factory.mktemp("s3meta")
+    meta = S3Checkpoint(url, cache_dir=tmp / "driver", endpoint_url=s3_server).download_metadata(tmp / "meta")
+    return url, s3_server, meta
 
 
 @pytest.fixture(scope="session")
-def ep2_engine(ray_cluster, maverick_tiny):
-    """EP=2: two simulated nodes with one worker each."""
-    engine = _ep_engine(maverick_tiny, 2, 1)
+def ep2_engine(ray_cluster, s3_checkpoint, tmp_path_factory):
+    """EP=2: two simulated nodes with one worker each, weights from S3 (no shared folder, node-local caches)."""
+    from serving.engine import LLMEngine
+
+    url, endpoint, meta = s3_checkpoint
+    engine = LLMEngine.from_pretrained(meta, dtype="float32", max_num_seqs=8, max_model_len=256,
+                                       expert_parallel_size=2, nodes=["node0", "node1"], num_cpus_per_worker=0.25,
+                                       weights=url, s3_endpoint_url=endpoint,
+                                       cache_dir=str(tmp_path_factory.mktemp("s3cache")),
+                                       worker_env={k: v for k, v in os.environ.items() if k.startswith("AWS_")})
     yield engine
     engine.shutdown()
 
 
 @pytest.fixture(scope="session")
 def ep4_engine(ray_cluster, maverick_tiny):
-    """EP=4: two simulated nodes with two workers each (tensor parallel within the node)."""
-    engine = _ep_engine(maverick_tiny, 4, 2)
+    """EP=4: two simulated nodes with two workers each (tensor parallel within the node), from the folder."""
+    from serving.engine import LLMEngine
+
+    engine = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=256,
+                                       expert_parallel_size=4, tensor_parallel_size=2, nodes=["node0", "node1"],
+                                       num_cpus_per_worker=0.25)
     yield engine
     engine.shutdown()

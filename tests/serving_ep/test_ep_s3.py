@@ -72,41 +72,31 @@ def test_metadata_download_and_bad_urls(s3_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_ep2_engine_from_s3_fetches_only_each_workers_share(s3_ckpt, maverick_tiny, ray_cluster, tmp_path, prompts,
-                                                            reference_tokens):
-    """Two nodes, no shared filesystem for weights: each worker fetches the non-expert tensors (its node's copy)
-    and exactly its own experts' rows, and the answers equal the single-process engine's."""
+def test_ep2_engine_from_s3_fetches_only_each_workers_share(ep2_engine, maverick_tiny):
+    """Two nodes, no shared folder for weights: each worker fetched the non-expert tensors (its node's copy) and
+    exactly its own experts' rows. (Its answers equal the single-process engine's: test_ep_engine.)"""
     from llama4.config import TextConfig
-    from serving.engine import LLMEngine, SamplingParams
-
-    url, endpoint = s3_ckpt
-    meta = S3Checkpoint(url, cache_dir=tmp_path / "driver", endpoint_url=endpoint).download_metadata(tmp_path / "meta")
-    engine = LLMEngine.from_pretrained(meta, dtype="float32", max_num_seqs=8, max_model_len=256,
-                                       expert_parallel_size=2, nodes=["node0", "node1"], num_cpus_per_worker=0.25,
-                                       weights=url, s3_endpoint_url=endpoint, cache_dir=str(tmp_path / "cache"))
-    try:
-        outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-        assert [o.outputs[0].token_ids for o in outs] == reference_tokens
-        held = engine.executor.worker_bytes
-    finally:
-        engine.shutdown()
 
     cfg = TextConfig.from_pretrained(maverick_tiny)
     local = CheckpointReader(maverick_tiny)
-    text = [n for n in local.names()]
+    text = list(local.names())
     files = {local.weight_map[local.full_name(n)] for n in text}
-    common = (maverick_tiny / INDEX_FILE).stat().st_size + sum(_header_bytes(maverick_tiny, f) for f in files)
-    row_bytes = {}
+    index_bytes = (maverick_tiny / INDEX_FILE).stat().st_size
+    common = index_bytes + sum(_header_bytes(maverick_tiny, f) for f in files)
+    expert_row_bytes = 0  # one expert of every MoE layer, as stored (bf16)
     for n in text:
         t = local.get(n)
         nbytes = t.numel() * t.element_size()
         if ".feed_forward.experts." in n:
-            row_bytes[n] = nbytes // t.shape[0]
+            expert_row_bytes += nbytes // t.shape[0]
         else:
             common += nbytes
-    experts_total = sum(row_bytes.values()) * cfg.num_local_experts
-    for h in held:
-        share = sum(row_bytes.values()) // cfg.num_moe_layers * sum(h["experts_per_layer"])
-        assert h["bytes_fetched"] == common + share
-        assert abs(share - experts_total / 2) <= sum(row_bytes.values()) // cfg.num_moe_layers * cfg.num_moe_layers
-    assert [h["experts_per_layer"] for h in held] == [[64] * cfg.num_moe_layers] * 2
+    per_layer = expert_row_bytes // cfg.num_moe_layers
+    first = ep2_engine.executor.load_history[0]
+    assert [h["experts_per_layer"] for h in first] == [[64] * cfg.num_moe_layers] * 2
+    for h in first:
+        own = per_layer * sum(h["experts_per_layer"])
+        assert h["bytes_fetched"] == common + own
+        assert abs(own - expert_row_bytes * cfg.num_local_experts / 2) <= expert_row_bytes  # one expert per layer
+    for later in ep2_engine.executor.load_history[1:]:  # rebuilds read the node-local cache
+        assert [h["bytes_fetched"] for h in later] == [index_bytes] * 2
