@@ -52,3 +52,11 @@ def test_readme_shows_the_real_plan_output(capsys, monkeypatch):
     printed = capsys.readouterr().out.rstrip("\n").splitlines()
     assert [line for line in block if line != "  ..."] == [line for line in printed if line in block]
     assert len(block) > 20
+
+
+def test_no_orphan_rendered_files_and_the_check_command_agrees():
+    from cluster.render_examples import main
+
+    on_disk = {str(p.relative_to(REPO)) for p in (REPO / "infra/rendered").rglob("*") if p.is_file()}
+    assert on_disk == {out for _, _, out, _ in EXAMPLES}
+    assert main(["--check"]) == 0
