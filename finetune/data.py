@@ -65,7 +65,7 @@ def tokenize_messages(tokenizer, messages: list[dict], max_len: int) -> tuple[li
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def tokenize_batch(batch: dict, base_model: str, s3: dict, max_len: int) -> dict:
+def tokenize_batch(batch: dict, base_model: str, s3: dict, max_len: int, credentials=None) -> dict:
     """Ray Data `map_batches` function (numpy batch format): rows -> input_ids, labels, key.
 
     Runs on any node: it fetches the checkpoint's tokenizer files there (cached per node).
@@ -73,6 +73,8 @@ def tokenize_batch(batch: dict, base_model: str, s3: dict, max_len: int) -> dict
     from finetune.schema import S3Settings
     from finetune.storage import fetch_dir
 
+    if credentials:
+        credentials.apply()
     tok = load_tokenizer(str(fetch_dir(base_model, S3Settings(**s3), names=TOKENIZER_FILES)))
     cols = list(batch)
     n = len(batch[cols[0]])
@@ -123,10 +125,13 @@ def read_rows(spec, s3):
 
 def tokenized_dataset(job):
     """Ray Data dataset of tokenised examples (input_ids, labels, key), tokenised in parallel tasks."""
+    from finetune.storage import Credentials
+
     ds = read_rows(job.dataset, job.s3)
     return ds.map_batches(tokenize_batch, batch_format="numpy", batch_size=64, num_cpus=0.25,
                           fn_kwargs={"base_model": job.base_model, "s3": job.s3.model_dump(),
-                                     "max_len": job.training.sequence_length})
+                                     "max_len": job.training.sequence_length,
+                                     "credentials": Credentials.from_env()})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ def worker_env(job) -> dict[str, str]:
            "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if job.resources.gpus_per_worker == 0:
         env["DS_ACCELERATOR"] = "cpu"
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "HERD_CACHE"):
-        if k in os.environ:  # passed through the runtime env, never printed
-            env[k] = os.environ[k]
+    if "HERD_CACHE" in os.environ:
+        env["HERD_CACHE"] = os.environ["HERD_CACHE"]
     return env
 
 
@@ -38,7 +37,7 @@ def build_trainer(job):
     from ray.train.torch import TorchTrainer
 
     from finetune.data import tokenized_dataset
-    from finetune.storage import filesystem
+    from finetune.storage import Credentials, filesystem
     from finetune.train_loop import train_loop_per_worker
 
     import ray.data
@@ -49,7 +48,8 @@ def build_trainer(job):
     res = job.resources
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json")},
+        # Credentials go pickled in the loop config (not the runtime env, which Ray shows in its dashboard).
+        train_loop_config={"job": job.model_dump(mode="json"), "credentials": Credentials.from_env()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker}
@@ -59,9 +59,10 @@ def build_trainer(job):
             failure_config=ray.train.FailureConfig(max_failures=job.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep),
             worker_runtime_env={"env_vars": worker_env(job)}),
-        # Every worker sees every tokenised example and keeps its own share in a global order (data.py),
-        # so the data position in a checkpoint means the same batches after a restart.
-        datasets={"train": tokenized_dataset(job)},
+        # Tokenised once here (parallel Ray Data tasks) and kept in the object store; every worker reads the
+        # examples and keeps its own share in a global order (data.py), so the data position in a checkpoint
+        # means the same batches after a restart or on a resubmission.
+        datasets={"train": tokenized_dataset(job).materialize()},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 

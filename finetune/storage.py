@@ -18,12 +18,39 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+_CREDENTIAL_VARS = {"AWS_ACCESS_KEY_ID": "access_key", "AWS_SECRET_ACCESS_KEY": "secret_key",
+                    "AWS_SESSION_TOKEN": "session_token"}
+
+
+class Credentials(dict):
+    """AWS_* credentials taken from this process's environment, to hand to Ray workers that may lack them.
+
+    Travels pickled inside Ray task arguments, never through logs: its repr hides the values.
+    """
+
+    @classmethod
+    def from_env(cls) -> "Credentials":
+        return cls({k: os.environ[k] for k in _CREDENTIAL_VARS if os.environ.get(k)})
+
+    def apply(self) -> None:
+        for k, v in self.items():
+            os.environ.setdefault(k, v)
+
+    def __repr__(self) -> str:
+        return f"Credentials({sorted(self)}, values hidden)"
+
+
 def filesystem(uri: str, s3: S3Settings):
-    """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// URI.
+
+    Credentials from the environment are set on the filesystem object explicitly, so that a copy pickled into
+    a Ray Data task signs requests even on a node whose environment has none.
+    """
     import pyarrow.fs as pafs
 
     if is_s3(uri):
-        kwargs = {"region": s3.region}
+        kwargs = {"region": s3.region, **{arg: os.environ[var] for var, arg in _CREDENTIAL_VARS.items()
+                                          if os.environ.get(var)}}
         if s3.endpoint_url:
             scheme, _, host = s3.endpoint_url.partition("://")
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")

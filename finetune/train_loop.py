@@ -63,7 +63,7 @@ def _progress_line(step: int, total: int, loss: float, tok_s: float, elapsed: fl
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point; `config` = {"job": job dict, "base_path_fn" args}."""
+    """Ray Train entry point; `config` = {"job": the job as a dict, "credentials": storage.Credentials}."""
     import torch
 
     torch.set_num_threads(1)  # more threads per worker ran slower on shared small machines
@@ -76,6 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
     from finetune.schema import Job
     from finetune.storage import fetch_dir
 
+    config["credentials"].apply()
     job = Job.model_validate(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
