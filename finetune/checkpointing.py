@@ -28,6 +28,8 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # {"step", "loss", "tokens", "lr", "seconds"}
     resumed_at: list[int] = field(default_factory=list)
     tokens: int = 0
+    peak_rss_mb: list[float] = field(default_factory=list)  # per rank, highest seen so far
+    end_rss_mb: list[float] = field(default_factory=list)  # per rank, at the latest checkpoint
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -84,7 +84,8 @@ class LoraSpec(_Closed):
 class DeepSpeedSpec(_Closed):
     """How DeepSpeed shards training state across workers."""
 
-    zero_stage: Literal[2, 3] = Field(2, description="2: shard optimizer state and gradients; 3: also parameters.")
+    zero_stage: Literal[0, 2, 3] = Field(
+        2, description="2: shard optimizer state and gradients; 3: also parameters; 0: no sharding (like DDP).")
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (GPU runs).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory; ZeRO stage 3 only.")
 

@@ -62,6 +62,21 @@ def _progress_line(step: int, total: int, loss: float, tok_s: float, elapsed: fl
             f"eta {int(eta) // 60}:{int(eta) % 60:02d}")
 
 
+def memory_per_rank() -> tuple[list[float], list[float]]:
+    """(peak RSS, current RSS) of every rank's process in MB, gathered on all ranks."""
+    import resource
+
+    import psutil
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                         psutil.Process().memory_info().rss / 2**20], dtype=torch.float64)
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [round(t[0].item(), 1) for t in out], [round(t[1].item(), 1) for t in out]
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` = {"job": the job as a dict, "credentials": storage.Credentials}."""
     import torch
@@ -131,5 +146,8 @@ def train_loop_per_worker(config: dict) -> None:
             print(_progress_line(progress.step, total, mean_loss, all_tokens / max(seconds, 1e-9),
                                  time.time() - started, done_here), flush=True)
         if progress.step % every == 0 or progress.step == total:
+            peak, now = memory_per_rank()
+            progress.peak_rss_mb = [max(a, b) for a, b in zip(peak, progress.peak_rss_mb or peak)]
+            progress.end_rss_mb = now
             save(engine, model, progress, {"step": progress.step, "loss": mean_loss}, rank,
                  job.deepspeed.zero_stage)

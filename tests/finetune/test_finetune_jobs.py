@@ -64,6 +64,7 @@ def test_zero2_job_learns_and_writes_outputs_to_s3(zero2_out, s3_inputs, s3_clie
     metrics = _metrics(zero2_out)
     _assert_learned(metrics)
     assert metrics["resumed_at"] == [] and metrics["zero_stage"] == 2 and metrics["workers"] == 2
+    assert len(metrics["peak_rss_mb"]) == 2 and all(100 < m < 20_000 for m in metrics["peak_rss_mb"])
     assert (zero2_out / "adapter" / "NOTICE").read_text().strip() == NOTICE_TEXT
     assert (zero2_out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((zero2_out / "adapter" / "adapter_config.json").read_text())
