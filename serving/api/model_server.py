@@ -228,6 +228,9 @@ def _build_engine(a):
 
         kwargs["placement_group"] = get_current_placement_group()
         kwargs["nodes"] = a.nodes
+        # Workers must ask for what their bundles hold (model_deployment_options in serving/app.py).
+        kwargs["num_cpus_per_worker"] = a.worker_num_cpus
+        kwargs["num_gpus_per_worker"] = a.worker_num_gpus
         if a.placement_file:
             from cluster.placement import PlacementMap
 

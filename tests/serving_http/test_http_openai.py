@@ -1,6 +1,9 @@
-"""The OpenAI API over a real Serve app (2 model replicas, API keys), driven by the official `openai` package and
-httpx: answers equal the in-process engine's for the same seed, streaming with usage, metrics summed over
-replicas, and a client disconnect aborting its sequence.
+"""The OpenAI API over a real Serve app, driven by the official `openai` package and httpx.
+
+The app has 2 model replicas, each expert-parallel over 2 Ray workers (one per simulated node) held in the
+replica's own placement group, and API keys. Answers equal the in-process engine's for the same seed (sync,
+async and concurrent, streamed with usage); metrics are summed over both replicas; a client that disconnects
+mid-stream has its sequence aborted and its KV slot freed.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def server(serve_port, scout_tiny, keys_file):
     base = deploy_app(APP, serve_port, model=str(scout_tiny), api_keys_file=str(keys_file), num_replicas=2,
-                      max_num_seqs=4)
+                      max_num_seqs=4, expert_parallel_size=2, nodes=["node0", "node1"], worker_num_cpus=0.25)
     yield base
     delete_app(APP)
 
@@ -100,6 +103,24 @@ def test_stream_completion_raw_sse(server, reference_engine):
     ref = reference(reference_engine, "The llama walked", max_tokens=8, temperature=0)
     assert "".join(e["choices"][0]["text"] for e in events) == ref.outputs[0].text
     assert events[-1]["choices"][0]["finish_reason"] == ref.outputs[0].finish_reason
+
+
+def test_each_replica_reserves_its_expert_workers(server):
+    """Serve reserved one placement group per model replica: the replica's bundle, then one per EP worker, pinned
+    to node0 and node1 (bundles the engine's workers run in)."""
+    import ray
+    from ray.util import placement_group_table
+
+    groups = [g for g in placement_group_table().values()
+              if g["state"] == "CREATED" and len(g["bundles"]) == 3
+              and any("node1" in b for b in g["bundles"].values())]
+    assert len(groups) == 2, groups
+    node_ids = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    for g in groups:
+        b = g["bundles"]
+        assert b[0] == {"CPU": 0.25}
+        assert node_ids[g["bundles_to_node_id"][1]].get("node0") == 1
+        assert node_ids[g["bundles_to_node_id"][2]].get("node1") == 1
 
 
 def test_models_root_health(server):
