@@ -166,6 +166,11 @@ def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", ex
         raise ValueError(f"expert_parallel_size ({expert_parallel_size}) counts every worker of the replica and "
                          f"tensor_parallel_size ({tensor_parallel_size}) the workers per node: use "
                          f"expert_parallel_size={tensor_parallel_size} for one node")
+    for what, n in (("num_key_value_heads", cfg.num_key_value_heads), ("intermediate_size", cfg.intermediate_size),
+                    ("intermediate_size_mlp", cfg.intermediate_size_mlp)):
+        if n % tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size ({tensor_parallel_size}) must divide the model's {what} ({n}): "
+                             f"a node's workers split it evenly; choose a divisor of {n}")
     if kv_cache_memory_bytes is not None:
         raise ValueError("kv_cache_memory_bytes is not supported with expert parallelism yet; pass max_num_seqs")
     if not ray.is_initialized():
