@@ -37,26 +37,26 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user mistakes become one line on stderr and an exit code, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: click returns a command's exit code instead of calling sys.exit itself.
+        rv = app(args=argv, standalone_mode=False)
     except UserError as e:
         print(f"herd: error: {e}", file=sys.stderr)
         return e.exit_code
-    except (typer.Exit, SystemExit) as e:  # typer.Exit carries the command's own exit code
-        code = getattr(e, "exit_code", None)
-        if code is None:
-            code = e.code if isinstance(e, SystemExit) else 0
-        return int(code or 0)
+    except typer.Exit as e:
+        return int(e.exit_code or 0)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except typer.Abort:
         print("herd: aborted", file=sys.stderr)
         return 130
-    except Exception as e:  # click usage errors (bad flag, missing argument) arrive here
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
-            print(f"herd: error: {e.format_message()}", file=sys.stderr)
-            return 2
+    except Exception as e:
+        # Usage errors (bad flag, missing argument, wrong type) come from the click copy typer ships; they carry
+        # format_message() and exit_code, which is all we need from them.
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            print(f"herd: error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            return int(e.exit_code)
         raise
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

@@ -30,22 +30,7 @@ import torch
 torch.set_num_threads(1)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody is listening on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+from herd_testing import free_port, wait_port as _wait_port  # noqa: E402,F401  (re-exported)
 
 
 @pytest.fixture(scope="session")
