@@ -60,7 +60,7 @@ class Ingress:
         self.recorder = make_recorder()
         self.server = OpenAIServer(self.args.model_name, self.args.max_model_len or 0, self._generate,
                                    self._metrics, KeyChecker(key_digests), self.recorder, is_backpressure,
-                                   self.args.retry_after_s)
+                                   self.args.retry_after_s, self.args.product)
 
     async def _generate(self, job: dict):
         stream = self.model.options(stream=True).generate.remote(job)
@@ -104,6 +104,7 @@ class Ingress:
         return await self.server.completions(request)
 
     def __del__(self):
+        # Serve calls this on graceful shutdown: flush the licensing tracker's buffered (hashed) events.
         close = getattr(getattr(self, "recorder", None), "close", None)
         if close is not None:
             try:

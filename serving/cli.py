@@ -29,6 +29,8 @@ def serve_command(
     max_num_seqs: Optional[int] = typer.Option(None, min=1, help="Sequences a replica runs at once."),
     max_model_len: Optional[int] = typer.Option(None, min=16, help="Longest prompt + completion, tokens."),
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use in `model`."),
+    ray_address: str = typer.Option("auto", help="Ray cluster to join; 'auto' joins a running local one or starts "
+                                                 "one on 127.0.0.1, 'local' always starts a fresh one."),
 ) -> None:
     """Serve Llama 4 over an OpenAI-compatible HTTP API on Ray Serve (blocks; Ctrl-C stops it)."""
     args, default_port = _args_for(target)
@@ -36,7 +38,7 @@ def serve_command(
                  "max_model_len": max_model_len, "served_model_name": served_model_name,
                  "api_keys_file": str(api_keys_file) if api_keys_file else None}
     args.update({k: v for k, v in overrides.items() if v is not None})
-    run_blocking(args, host, port or default_port)
+    run_blocking(args, host, port or default_port, ray_address)
 
 
 def _args_for(target: str) -> tuple[dict, int]:
@@ -57,7 +59,7 @@ def _args_for(target: str) -> tuple[dict, int]:
     return {"model": str(path.resolve())}, 8000
 
 
-def run_blocking(args: dict, host: str, port: int) -> None:
+def run_blocking(args: dict, host: str, port: int, ray_address: str = "auto") -> None:
     """Deploy the app on a local Ray cluster (joined or started) and wait for Ctrl-C."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's listeners on loopback
     from serving.app import build_app
@@ -66,7 +68,7 @@ def run_blocking(args: dict, host: str, port: int) -> None:
     import ray
     from ray import serve
 
-    _join_or_start(ray)
+    _join_or_start(ray, ray_address)
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     try:
         serve.run(app, name="herd", route_prefix="/", blocking=False)
@@ -85,8 +87,13 @@ def run_blocking(args: dict, host: str, port: int) -> None:
         serve.delete("herd")
 
 
-def _join_or_start(ray) -> None:
-    try:
-        ray.init(address="auto", include_dashboard=False, logging_level="WARNING")
-    except ConnectionError:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+def _join_or_start(ray, address: str) -> None:
+    if address != "local":
+        try:
+            ray.init(address=address, logging_level="WARNING")
+            return
+        except ConnectionError:
+            if address != "auto":
+                raise UserError(f"no Ray cluster at {address}; start one (`ray start --head`) or pass "
+                                "--ray-address local") from None
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")

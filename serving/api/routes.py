@@ -49,7 +49,8 @@ class OpenAIServer:
 
     def __init__(self, model_name: str, max_model_len: int, generate: Generate,
                  metrics: Callable[[], Awaitable[bytes]], keys: KeyChecker, recorder: Recorder,
-                 is_backpressure: Callable[[BaseException], bool] = lambda e: False, retry_after_s: int = 1):
+                 is_backpressure: Callable[[BaseException], bool] = lambda e: False, retry_after_s: int = 1,
+                 product: str = "llm-api"):
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.generate = generate
@@ -58,6 +59,7 @@ class OpenAIServer:
         self.recorder = recorder
         self.is_backpressure = is_backpressure
         self.retry_after_s = retry_after_s
+        self.product = product
         self.created = int(time.time())
 
     # ---- simple endpoints ------------------------------------------------------------------------------------
@@ -121,7 +123,7 @@ class OpenAIServer:
             job["max_tokens"] = req.max_tokens
             job["max_tokens_param"] = "max_tokens"
         user = resolve_user(req.user, request.headers.get(USER_HEADER), identity)
-        record_safely(self.recorder, user, self.model_name)
+        record_safely(self.recorder, user, self.product)
         log.info("request %s from user %s", rid, log_tag(user))
         return req, job
 
