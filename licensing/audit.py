@@ -4,7 +4,8 @@ The sketches answer with ~0.8% standard error; when a figure's bounds straddle t
 proof, this counts exactly. It scales past one machine because no worker ever needs every ID: each event is
 assigned a partition from the top bits of its hashed ID, Ray Data hash-shuffles rows by partition, and each
 partition counts its own distinct IDs. Partitions hold disjoint ID sets, so the company figure is the plain sum.
-Per product and per affiliate figures come out of the same pass.
+Per product and per affiliate figures come out of the same pass. The map side dedupes within each block and
+ships packed ID arrays per (partition, product, affiliate), so the shuffle moves few rows.
 """
 from __future__ import annotations
 
@@ -18,36 +19,74 @@ PARTITION_BITS = 6  # 64 partitions: enough for a few hundred workers' worth of 
 
 
 def _prepare(batch, lo: int, hi: int, bits: int):
-    """Keep the period's rows, drop duplicates within the batch, tag each row with its ID partition."""
+    """Map side: keep the period's rows, drop duplicates within the batch, and emit one row per
+    (ID partition, product, affiliate) holding that cell's distinct hashed IDs as bytes. Shipping a few hundred
+    rows of packed IDs instead of millions of rows keeps the shuffle cheap."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     keep = pc.and_(pc.greater_equal(batch["day"], lo), pc.less_equal(batch["day"], hi))
-    t = batch.filter(keep).select(["uid", "product", "affiliate"])
-    t = t.set_column(1, "product", pc.cast(t["product"], pa.string()))
-    t = t.set_column(2, "affiliate", pc.cast(t["affiliate"], pa.string()))
-    t = t.group_by(["uid", "product", "affiliate"], use_threads=False).aggregate([])
-    part = np.right_shift(t["uid"].to_numpy(), np.uint64(64 - bits)).astype(np.int32)
-    return t.append_column("part", pa.array(part))
+    t = batch.filter(keep)
+    uid = t["uid"].to_numpy()
+    prod = pc.cast(t["product"], pa.string()).to_numpy(zero_copy_only=False)
+    aff = pc.cast(t["affiliate"], pa.string()).to_numpy(zero_copy_only=False)
+    part = (uid >> np.uint64(64 - bits)).astype(np.int64)
+    rows = {"part": [], "product": [], "affiliate": [], "uids": []}
+    cells = np.unique(np.stack([part, np.unique(prod, return_inverse=True)[1],
+                                np.unique(aff, return_inverse=True)[1]]), axis=1) if len(uid) else np.empty((3, 0))
+    pnames, anames = np.unique(prod), np.unique(aff)
+    pcode, acode = np.unique(prod, return_inverse=True)[1], np.unique(aff, return_inverse=True)[1]
+    for p, pi, ai in cells.T.tolist():
+        sel = (part == p) & (pcode == pi) & (acode == ai)
+        rows["part"].append(p)
+        rows["product"].append(str(pnames[pi]))
+        rows["affiliate"].append(str(anames[ai]))
+        rows["uids"].append(np.unique(uid[sel]).tobytes())
+    return pa.table({"part": pa.array(rows["part"], pa.int64()), "product": pa.array(rows["product"], pa.string()),
+                     "affiliate": pa.array(rows["affiliate"], pa.string()),
+                     "uids": pa.array(rows["uids"], pa.large_binary())})
 
 
 def _count_partition(group):
-    """Distinct IDs of one partition: company-wide, per product and per affiliate, as (scope, name, n) rows."""
+    """Reduce side: distinct IDs of one partition, company-wide, per product and per affiliate."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    scopes, names, counts = ["company"], [""], [pc.count_distinct(group["uid"]).as_py()]
-    for col in ("product", "affiliate"):
-        agg = group.group_by(col, use_threads=False).aggregate([("uid", "count_distinct")])
-        scopes += [col] * agg.num_rows
-        names += agg[col].to_pylist()
-        counts += agg["uid_count_distinct"].to_pylist()
+    def distinct(blobs) -> int:
+        arrays = [np.frombuffer(b, dtype=np.uint64) for b in blobs]
+        return int(len(np.unique(np.concatenate(arrays)))) if arrays else 0
+
+    blobs = group["uids"].to_pylist()
+    prods, affs = group["product"].to_pylist(), group["affiliate"].to_pylist()
+    scopes, names, counts = ["company"], [""], [distinct(blobs)]
+    for scope, col in (("product", prods), ("affiliate", affs)):
+        for name in sorted(set(col)):
+            scopes.append(scope)
+            names.append(name)
+            counts.append(distinct([b for b, c in zip(blobs, col) if c == name]))
     return pa.table({"scope": scopes, "name": names, "distinct": pa.array(counts, pa.int64())})
 
 
+def _count_block(block):
+    """Reduce side: count each ID partition in this block on its own; partitions are disjoint, so counts add."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = [_count_partition(block.filter(pc.equal(block["part"], p)))
+              for p in pc.unique(block["part"]).to_pylist()]
+    if not tables:
+        return pa.table({"scope": pa.array([], pa.string()), "name": pa.array([], pa.string()),
+                         "distinct": pa.array([], pa.int64()), "parts": pa.array([], pa.int64())})
+    summed = pa.concat_tables(tables).group_by(["scope", "name"], use_threads=False).aggregate([("distinct", "sum")])
+    return summed.rename_columns(["scope", "name", "distinct"]).append_column(
+        "parts", pa.array([len(tables)] * summed.num_rows, pa.int64()))
+
+
 def exact_counts(store, lo: int, hi: int, months: list[str], partition_bits: int = PARTITION_BITS,
-                 num_cpus: float = 0.25) -> dict:
-    """Exact distinct users over days [lo, hi] (in `months`), through Ray Data on the current Ray cluster."""
+                 shuffle_partitions: int = 4, num_cpus: float = 0.25) -> dict:
+    """Exact distinct users over days [lo, hi] (in `months`), through Ray Data on the current Ray cluster.
+
+    2^partition_bits ID partitions are spread over `shuffle_partitions` reducers; raise both for big clusters.
+    """
     import ray
     from ray.data.context import DataContext, ShuffleStrategy
 
@@ -57,17 +96,18 @@ def exact_counts(store, lo: int, hi: int, months: list[str], partition_bits: int
     paths, fs = store.ray_paths(files)
     ctx = DataContext.get_current()
     ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE  # rows of one partition meet on one worker
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["uid", "day", "product", "affiliate"],
-                               ray_remote_args={"num_cpus": num_cpus})
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus).select_columns(
+        ["uid", "day", "product", "affiliate"])
     ds = ds.map_batches(_prepare, fn_kwargs={"lo": lo, "hi": hi, "bits": partition_bits}, batch_format="pyarrow",
                         num_cpus=num_cpus)
-    out = ds.groupby("part", num_partitions=min(1 << partition_bits, 16)).map_groups(
-        _count_partition, batch_format="pyarrow", num_cpus=num_cpus)
+    # A hash repartition on the partition column puts every row of an ID partition in one block.
+    out = ds.repartition(shuffle_partitions, keys=["part"]).map_batches(
+        _count_block, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus)
     totals: dict[tuple[str, str], int] = defaultdict(int)
     parts = 0
     for row in out.iter_rows():
         totals[(row["scope"], row["name"])] += int(row["distinct"])
-        parts += row["scope"] == "company"
+        parts += row["parts"] if row["scope"] == "company" else 0
     return {
         "company": totals.get(("company", ""), 0),
         "products": {n: v for (s, n), v in sorted(totals.items()) if s == "product"},
