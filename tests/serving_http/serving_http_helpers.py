@@ -1,15 +1,9 @@
 """Helpers for the HTTP tests: deploy/delete herd's Serve app, read Prometheus samples, the shared constants."""
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
-_ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
-_spec = importlib.util.spec_from_file_location("herd_tests_root_conftest", _ROOT_CONFTEST)
-_root = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_root)
-free_port = _root.free_port
+from herd_testing import free_port  # noqa: F401  (re-exported for the test modules)
 
 MAX_MODEL_LEN = 96
 API_KEY = "sk-test-team-search-0123456789abcdef"
