@@ -270,6 +270,8 @@ class Attention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Mixture of experts
 # ---------------------------------------------------------------------------------------------------------
+FEW_ASSIGNMENTS = 4  # up to this many (token, expert) pairs, skip the sort and index experts one by one
+
 class RoutedExperts(nn.Module):
     """The routed experts this module holds (`expert_ids`, in slot order), run only on the tokens routed to them.
 
@@ -296,10 +298,13 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         T, K = topk_idx_TK.shape
-        local_A = self.local_of_global[topk_idx_TK.reshape(-1)]
-        token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K) if K > 1 else \
-            torch.arange(T, device=x_TD.device)
+        local_A = self.local_of_global[topk_idx_TK.reshape(-1)]  # assignment a = t * K + k
         weight_A = topk_weight_TK.reshape(-1)
+        if T * K <= FEW_ASSIGNMENTS:
+            return self._few(x_TD, local_A.tolist(), weight_A, K)
+        token_A = torch.arange(T, device=x_TD.device)
+        if K > 1:
+            token_A = token_A.repeat_interleave(K)
         if not self._holds_all:
             held = local_A >= 0
             local_A, token_A, weight_A = local_A[held], token_A[held], weight_A[held]
@@ -310,16 +315,28 @@ class RoutedExperts(nn.Module):
         local_A, order_A = torch.sort(local_A, stable=True)
         token_A, weight_A = token_A[order_A], weight_A[order_A]
         x_AD = x_TD[token_A] * weight_A[:, None]  # the router score scales the expert input
-        counts = torch.bincount(local_A, minlength=len(self.expert_ids)).tolist()
+        counts_El = torch.bincount(local_A, minlength=len(self.expert_ids))
+        experts = counts_El.nonzero().flatten().tolist()
+        counts = counts_El[experts].tolist()
         y_AD = torch.empty_like(x_AD)
         start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
+        for e, n in zip(experts, counts):
             gate_nI, up_nI = (x_AD[start:start + n] @ self.gate_up_proj[e]).chunk(2, dim=-1)
             y_AD[start:start + n] = (up_nI * F.silu(gate_nI)) @ self.down_proj[e]
             start += n
         return out_TD.index_add_(0, token_A, y_AD)
+
+    def _few(self, x_TD: torch.Tensor, local: list[int], weight_A: torch.Tensor, K: int) -> torch.Tensor:
+        """A handful of assignments (decoding one or two sequences): index each expert directly, no sort."""
+        out_TD = torch.zeros_like(x_TD)
+        for a, e in enumerate(local):
+            if e < 0:
+                continue
+            t = a // K
+            x_1D = x_TD[t:t + 1] * weight_A[a:a + 1, None]
+            gate_1I, up_1I = (x_1D @ self.gate_up_proj[e]).chunk(2, dim=-1)
+            out_TD[t:t + 1] += (up_1I * F.silu(gate_1I)) @ self.down_proj[e]
+        return out_TD
 
 
 class MoE(nn.Module):
