@@ -233,3 +233,47 @@ def test_client_disconnect_aborts_sequence(server):
     r = httpx.post(f"{server}/v1/completions", headers=AUTH, timeout=60,
                    json={"model": "scout-tiny", "prompt": "Hello", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_worker_death_is_a_500_without_internals_and_the_server_recovers(server, reference_engine):
+    """Kill every expert-parallel worker mid-stream: the stream ends with a server_error event naming only the
+    request id, then [DONE]; the engines rebuild their workers and later answers equal the engine's again.
+    Runs last in this module: it takes the app's workers down."""
+    import os
+    import signal
+
+    from ray._private.state import actors
+
+    body = {"model": "scout-tiny", "prompt": "A long story:", "max_tokens": 80, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=120) as c, c.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break
+        workers = [a for a in actors().values() if a["State"] == "ALIVE" and "EPWorker" in a["ActorClassName"]]
+        assert len(workers) == 4, [a["ActorClassName"] for a in workers]
+        for w in workers:
+            os.kill(w["Pid"], signal.SIGKILL)
+        rest = [line for line in lines if line]
+    errors = [json.loads(line[6:])["error"] for line in rest if line.startswith('data: {"error"')]
+    assert len(errors) == 1, rest[-5:]
+    assert errors[0]["type"] == "server_error" and errors[0]["code"] == "internal_error"
+    assert errors[0]["message"].startswith("Internal server error while handling request cmpl-")
+    assert "Traceback" not in "".join(rest) and "worker" not in errors[0]["message"].lower()
+    assert rest[-1] == "data: [DONE]"
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    ref = reference(reference_engine, reference_engine.apply_chat_template(MESSAGES), max_tokens=8, temperature=0)
+    deadline = time.time() + 120
+    for _ in range(4):  # both replicas, whichever the router picks
+        while True:
+            try:
+                resp = client.chat.completions.create(model="scout-tiny", messages=MESSAGES, max_tokens=8,
+                                                      temperature=0)
+                break
+            except openai.InternalServerError:  # a request that met the other replica's dead workers
+                assert time.time() < deadline
+                time.sleep(1)
+        assert resp.choices[0].message.content == ref.outputs[0].text
