@@ -135,12 +135,19 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(zero2_out, ray_clust
 
     _, base, data = s3_inputs
     job = parse_job(job_dict("killed", base, data, str(tmp_path / "runs"), zero=2, endpoint=s3_server))
-    first_ckpt = tmp_path / "runs" / "killed" / "checkpoint_step0000008" / "progress.json"
+    snapshot = tmp_path / "runs" / "killed" / "checkpoint_manager_snapshot.json"
     killed: list[int] = []
+
+    def registered() -> bool:
+        """Ray Train has committed a checkpoint (its files alone may still be mid-upload)."""
+        try:
+            return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+        except (OSError, ValueError):
+            return False
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 600
-        while time.time() < deadline and not first_ckpt.exists():
+        while time.time() < deadline and not registered():
             time.sleep(0.05)
         pids = _training_worker_pids()
         if pids:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
+from herd_testing import free_port
 from ft_helpers import job_dict, write_rows
 
 pytestmark = pytest.mark.slow
