@@ -1,7 +1,12 @@
 """Hostile and malformed requests against a real Serve app: each gets the right 4xx in OpenAI's error shape,
-naming the field, and the server keeps serving. Plus API-key auth and the user identity that licensing counts.
+naming the field, and the server keeps serving. API-key auth. A full queue answers 503 with Retry-After, promptly.
+
+The app is deliberately small (one running sequence, one waiting) so that a burst overflows it.
 """
 from __future__ import annotations
+
+import asyncio
+import time
 
 import httpx
 import openai
@@ -109,7 +114,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server(serve_port, scout_tiny, keys_file):
-    base = deploy_app(APP, serve_port, model=str(scout_tiny), api_keys_file=str(keys_file), max_num_seqs=2)
+    base = deploy_app(APP, serve_port, model=str(scout_tiny), api_keys_file=str(keys_file), max_num_seqs=1,
+                      max_waiting_requests=1, retry_after_s=2)
     yield base
     delete_app(APP)
 
@@ -165,3 +171,40 @@ def test_openai_client_sees_typed_errors(server):
         bad.chat.completions.create(model="scout-tiny", messages=USER)
     second_key = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-test-alice-abcdef0123456789", max_retries=0)
     assert second_key.chat.completions.create(model="scout-tiny", messages=USER, max_tokens=2).choices
+
+
+async def _one(client: httpx.AsyncClient, i: int):
+    body = {"model": "scout-tiny", "prompt": f"Story {i}:", "max_tokens": 60, "ignore_eos": True,
+            "temperature": 1.0, "seed": i, "stream": True}
+    t0 = time.time()
+    async with client.stream("POST", "/v1/completions", json=body, headers=AUTH) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return r.status_code, dict(r.headers), r.json(), time.time() - t0
+        lines = [line async for line in r.aiter_lines() if line]
+        return r.status_code, dict(r.headers), lines, time.time() - t0
+
+
+def test_full_queue_gets_503_with_retry_after(server):
+    async def run():
+        async with httpx.AsyncClient(base_url=server, timeout=120) as c:
+            return await asyncio.gather(*[_one(c, i) for i in range(10)])
+
+    results = asyncio.run(run())
+    codes = sorted(code for code, *_ in results)
+    refused = [r for r in results if r[0] == 503]
+    served = [r for r in results if r[0] == 200]
+    assert refused, f"no 503 among {codes}"
+    assert len(served) >= 2, codes
+    assert set(codes) <= {200, 503}, codes
+    for _, headers, body, seconds in refused:
+        assert headers["retry-after"] == "2"
+        assert body["error"]["code"] == "queue_full" and body["error"]["type"] == "service_unavailable_error"
+        assert seconds < 10  # refused at once, not after waiting for a slot
+    for _, _, lines, _ in served:
+        assert lines[-1] == "data: [DONE]"
+
+    # Once the burst is over the server serves again.
+    r = httpx.post(f"{server}/v1/completions", timeout=60,
+                   json={"model": "scout-tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}, headers=AUTH)
+    assert r.status_code == 200, r.text
