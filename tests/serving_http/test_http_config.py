@@ -1,0 +1,60 @@
+"""Fast checks (no Ray) of what an operator writes: build_app args, the API-keys file; and the metrics merge rule."""
+from __future__ import annotations
+
+import pytest
+
+from herd.errors import UserError
+from serving.api.auth import KeyChecker, load_api_keys
+from serving.api.config import parse_args
+from serving.api.errors import ApiError
+from serving.api.metrics import STALE_AFTER_S, ReplicaMetrics, merge, render
+
+
+def test_build_app_args_are_a_closed_schema():
+    a = parse_args({"model": "/ckpt/scout", "max_num_seqs": 4, "expert_parallel_size": 2})
+    assert a.model_name == "scout" and a.max_num_seqs == 4
+    with pytest.raises(UserError, match="unknown key 'max_num_seq'; did you mean 'max_num_seqs'"):
+        parse_args({"model": "/ckpt", "max_num_seq": 4})
+    with pytest.raises(UserError, match="max_num_seqs: Input should be greater than or equal to 1"):
+        parse_args({"model": "/ckpt", "max_num_seqs": 0})
+    with pytest.raises(UserError, match=r"expert_parallel_size \(3\) must be a multiple of tensor_parallel_size"):
+        parse_args({"model": "/ckpt", "expert_parallel_size": 3, "tensor_parallel_size": 2})
+
+
+def test_api_keys_file(tmp_path):
+    p = tmp_path / "keys.yaml"
+    p.write_text("keys:\n  sk-0123456789abcdef-team: team-a\n")
+    digests = load_api_keys(p)
+    assert "sk-0123456789abcdef-team" not in repr(digests)  # only digests are kept
+    checker = KeyChecker(digests)
+    assert checker.identity("Bearer sk-0123456789abcdef-team") == "team-a"
+    for header, code in [(None, "missing_api_key"), ("Bearer nope-nope-nope-nope", "invalid_api_key"),
+                         ("Basic sk-0123456789abcdef-team", "invalid_api_key")]:
+        with pytest.raises(ApiError) as e:
+            checker.identity(header)
+        assert e.value.status == 401 and e.value.code == code
+    assert KeyChecker({}).identity(None) is None  # no keys file: no auth
+    p.write_text("keys:\n  sk-0123456789abcdef-team: team-a\nkeyz: {}\n")
+    with pytest.raises(UserError, match="keyz"):
+        load_api_keys(p)
+    with pytest.raises(UserError, match="no such|cannot read"):
+        load_api_keys(tmp_path / "missing.yaml")
+
+
+def test_metrics_merge_sums_replicas_keeps_counters_drops_stale_gauges():
+    a, b = ReplicaMetrics(), ReplicaMetrics()
+    for m, n in ((a, 3), (b, 5)):
+        m.inc("herd:prompt_tokens", n)
+        m.inc("herd:request_success", 1, "stop")
+        m.observe("herd:time_to_first_token_seconds", 0.003)
+        m.gauges.update({"herd:num_requests_running": 2, "herd:kv_cache_usage_perc": 0.2 * n / 5})
+    now = 1000.0
+    merged = merge({"a": (now, a.snapshot()), "b": (now - STALE_AFTER_S - 1, b.snapshot())}, now)
+    assert merged["counters"][("herd:prompt_tokens",)] == 8  # a stale replica's counters still count
+    assert merged["gauges"]["herd:num_requests_running"] == 2  # ... its gauges do not
+    assert merged["gauges"]["herd:num_replicas"] == 1
+    text = render(merged, "scout").decode()
+    assert 'herd:prompt_tokens_total{model_name="scout"} 8.0' in text
+    assert 'herd:request_success_total{finished_reason="stop",model_name="scout"} 2.0' in text
+    assert 'herd:time_to_first_token_seconds_bucket{le="0.005",model_name="scout"} 2.0' in text
+    assert 'herd:time_to_first_token_seconds_bucket{le="0.001",model_name="scout"} 0.0' in text
