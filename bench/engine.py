@@ -62,15 +62,15 @@ def hf_from_checkpoint(path: Path, dtype: str):
     return model.language_model
 
 
-def gpu_models(args, dtype: str, max_seqs: int, max_len: int, with_hf: bool):
-    """A Maverick-shaped stack (released dims, fewer layers) with random weights, built on the GPU directly.
+def random_models(text: dict, device: str, dtype: str, max_seqs: int, max_len: int, with_hf: bool):
+    """herd's engine (and transformers' model, with the same tensors) with random weights drawn on the device.
 
-    A released-size checkpoint would not fit the disk, so the weights are drawn on the device; herd's model and
-    transformers' get the same tensors (parameter names are shared).
+    A released-size checkpoint would not fit the GPU machine's disk, so the GPU run builds the model in memory;
+    parameter names are shared, so transformers gets exactly herd's weights.
     """
     from transformers import AutoTokenizer, Llama4ForCausalLM, Llama4TextConfig
 
-    from llama4.presets import get_preset
+    from llama4.config import TextConfig
     from serving.engine import LLMEngine
     from serving.engine.executor import LocalExecutor
     from serving.engine.kv_cache import plan_kv_cache
@@ -78,34 +78,47 @@ def gpu_models(args, dtype: str, max_seqs: int, max_len: int, with_hf: bool):
     from serving.model import Transformer
 
     tdtype = resolve_dtype(dtype)
-    text = dict(get_preset("maverick").text)
-    free = torch.cuda.mem_get_info()[0]
-    per_pair = 2 * 2 * (128 * 3 * 5120 * 8192 + 3 * 5120 * 16384) // 2  # one MoE + one dense layer, bf16 bytes
-    layers = args.gpu_layers or max(2, 2 * int(0.8 * free / (per_pair * (2 if with_hf else 1)) // 2 * 1))
-    text.update(num_hidden_layers=layers, vocab_size=202048)
-    from llama4.config import TextConfig
-
     cfg = TextConfig.from_dict(text)
-    print(f"GPU stack: {layers} layers of Maverick dims ({cfg.num_moe_layers} MoE), {dtype}", flush=True)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Transformer(cfg).to(tdtype)
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 1.0 if "embed" in name else p.shape[-2 if "experts" in name else -1] ** -0.5)
     model.reset_buffers()
-    plan = plan_kv_cache(cfg, max_len, tdtype, max_seqs)
-    tok = AutoTokenizer.from_pretrained(str(cpu_checkpoint(argparse.Namespace(checkpoint=None,
-                                                                              preset="maverick-tiny"))))
-    engine = LLMEngine(LocalExecutor(model, plan), tok, cfg, max_model_len=max_len)
+    model.eval().requires_grad_(False)
+    tok_path = cpu_checkpoint(argparse.Namespace(checkpoint=None, preset="maverick-tiny"))
+    engine = LLMEngine(LocalExecutor(model, plan_kv_cache(cfg, max_len, tdtype, max_seqs)),
+                       AutoTokenizer.from_pretrained(str(tok_path)), cfg, max_model_len=max_len)
     hf = None
     if with_hf:
-        hf_cfg = Llama4TextConfig(**{k: v for k, v in text.items() if k != "rope_scaling"})
-        with torch.device("cuda"):
-            hf = Llama4ForCausalLM(hf_cfg).to(tdtype).eval()
-        hf.model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"},
-                                 strict=False)
-        hf.lm_head.weight.data.copy_(model.lm_head.weight)
+        with torch.device(device):
+            hf = Llama4ForCausalLM(Llama4TextConfig(**text)).to(tdtype).eval()
+        from serving.loader import checkpoint_name
+
+        state = {checkpoint_name(k): v for k, v in model.state_dict().items()}
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     return engine, hf, cfg
+
+
+def gpu_models(args, dtype: str, max_seqs: int, max_len: int, with_hf: bool):
+    """A Maverick-shaped stack: released dimensions and vocabulary, as many layer pairs as the card holds."""
+    from llama4.config import TextConfig
+    from llama4.presets import get_preset
+    from llama4.sizing import weight_bytes
+
+    text = {**get_preset("maverick").text, "max_position_embeddings": 16384}
+    size = lambda n: weight_bytes(TextConfig.from_dict({**text, "num_hidden_layers": n}), "bf16").total  # noqa
+    pair, base = size(4) - size(2), 2 * size(2) - size(4)
+    copies = 2 if with_hf else 1
+    free = torch.cuda.mem_get_info()[0] * 0.85 / copies
+    layers = args.gpu_layers or max(2, 2 * int((free - base) // pair))
+    text["num_hidden_layers"] = layers
+    print(f"GPU stack: {layers} layers of Maverick dimensions, {size(layers) / 2**30:.1f} GiB per copy", flush=True)
+    return random_models(text, "cuda", dtype, max_seqs, max_len, with_hf)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,6 +169,19 @@ def hf_generate(model, prompts, device: str):
     return run
 
 
+def same_greedy(engine, hf, prompts, device: str, n: int = 16) -> str:
+    """Whether herd and transformers pick the same greedy tokens here (bf16 may legitimately drift late)."""
+    from serving.engine import SamplingParams
+
+    ours = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompts, device=device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompts[0]):].tolist()
+    got = ours.outputs[0].token_ids
+    first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    return "yes" if first is None else f"no, from token {first}"
+
+
 def matvec_bandwidth(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
     """Bytes/s of a plain matrix-vector product over a matrix far larger than the caches: the ceiling."""
     rows = 16384 if device == "cpu" else 65536
@@ -196,6 +222,9 @@ def main(argv=None) -> None:
     print(f"machine: {torch.get_num_threads()} threads, device {device}, {dtype}; model {args.preset if device == 'cpu' else 'maverick-shaped'}: "
           f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts", flush=True)
     g = torch.Generator().manual_seed(0)
+    if hf is not None:
+        check = torch.randint(3, 2000, (1, args.prompt_len), generator=g).tolist()
+        print(f"greedy tokens equal to transformers: {same_greedy(engine, hf, check, device)}", flush=True)
     rows = []
     for batch in args.batch_sizes:
         prompts = torch.randint(3, 2000, (batch, args.prompt_len), generator=g).tolist()

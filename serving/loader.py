@@ -56,7 +56,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     return model.eval().requires_grad_(False)
 
 
-def _checkpoint_name(param: str) -> str:
+def checkpoint_name(param: str) -> str:
+    """The checkpoint (and transformers `Llama4ForCausalLM`) name of a `Transformer` parameter."""
     return param if param.startswith("lm_head.") else "model." + param
 
 
@@ -65,7 +66,7 @@ def _load_weights(model: Transformer, reader: CheckpointReader, cfg: TextConfig)
                for i, layer in enumerate(model.layers) if layer.is_moe}
     for name, param in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
-        ckpt = _checkpoint_name(name)
+        ckpt = checkpoint_name(name)
         if owner in experts:
             tensor = reader.get_rows(ckpt, experts[owner].expert_ids)
         elif name == "lm_head.weight" and not reader.has(ckpt) and cfg.tie_word_embeddings:
