@@ -28,20 +28,29 @@ def _prepare(batch, lo: int, hi: int, bits: int):
     keep = pc.and_(pc.greater_equal(batch["day"], lo), pc.less_equal(batch["day"], hi))
     t = batch.filter(keep)
     uid = t["uid"].to_numpy()
-    prod = pc.cast(t["product"], pa.string()).to_numpy(zero_copy_only=False)
-    aff = pc.cast(t["affiliate"], pa.string()).to_numpy(zero_copy_only=False)
+    names, codes = [], []
+    for col in ("product", "affiliate"):
+        enc = pc.dictionary_encode(pc.cast(t[col], pa.string())).combine_chunks()
+        names.append(enc.dictionary.to_pylist())
+        codes.append(enc.indices.to_numpy(zero_copy_only=False).astype(np.int64))
+    n_aff = max(1, len(names[1]))
     part = (uid >> np.uint64(64 - bits)).astype(np.int64)
+    cell = (part * max(1, len(names[0])) + codes[0]) * n_aff + codes[1]
+    # One sort by (cell, uid) groups the rows by cell and puts duplicate IDs side by side.
+    order = np.lexsort((uid, cell))
+    cell, uid = cell[order], uid[order]
+    first = np.ones(len(uid), dtype=bool)
+    first[1:] = (cell[1:] != cell[:-1]) | (uid[1:] != uid[:-1])
+    cell, uid = cell[first], uid[first]
+    bounds = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1], True])
     rows = {"part": [], "product": [], "affiliate": [], "uids": []}
-    cells = np.unique(np.stack([part, np.unique(prod, return_inverse=True)[1],
-                                np.unique(aff, return_inverse=True)[1]]), axis=1) if len(uid) else np.empty((3, 0))
-    pnames, anames = np.unique(prod), np.unique(aff)
-    pcode, acode = np.unique(prod, return_inverse=True)[1], np.unique(aff, return_inverse=True)[1]
-    for p, pi, ai in cells.T.tolist():
-        sel = (part == p) & (pcode == pi) & (acode == ai)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        pa_code, ai = divmod(int(cell[a]), n_aff)
+        p, pi = divmod(pa_code, max(1, len(names[0])))
         rows["part"].append(p)
-        rows["product"].append(str(pnames[pi]))
-        rows["affiliate"].append(str(anames[ai]))
-        rows["uids"].append(np.unique(uid[sel]).tobytes())
+        rows["product"].append(names[0][pi])
+        rows["affiliate"].append(names[1][ai])
+        rows["uids"].append(uid[a:b].tobytes())
     return pa.table({"part": pa.array(rows["part"], pa.int64()), "product": pa.array(rows["product"], pa.string()),
                      "affiliate": pa.array(rows["affiliate"], pa.string()),
                      "uids": pa.array(rows["uids"], pa.large_binary())})
@@ -96,7 +105,7 @@ def exact_counts(store, lo: int, hi: int, months: list[str], partition_bits: int
     paths, fs = store.ray_paths(files)
     ctx = DataContext.get_current()
     ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE  # rows of one partition meet on one worker
-    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus).select_columns(
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus, override_num_blocks=len(paths)).select_columns(
         ["uid", "day", "product", "affiliate"])
     ds = ds.map_batches(_prepare, fn_kwargs={"lo": lo, "hi": hi, "bits": partition_bits}, batch_format="pyarrow",
                         num_cpus=num_cpus)

@@ -10,17 +10,27 @@ from licensing.synth import exact_distinct
 
 
 @pytest.mark.slow
-def test_exact_audit_equals_the_true_count(ray_cluster, million_log, million_store):
-    from licensing.audit import exact_counts
+def test_exact_audit_equals_the_true_count(ray_cluster, million_log, million_store, capsys):
+    import json
+
+    from herd.cli import main as herd
 
     _, table = million_log
-    lo, hi = month_days("2025-03")
-    got = exact_counts(million_store, lo, hi, ["2025-03"], partition_bits=4)
-    truth = exact_distinct(table, lo, hi)
-    assert got["company"] == truth["company"]
-    assert got["products"] == truth["products"]
-    assert got["affiliates"] == truth["affiliates"]
-    assert got["partitions"] == 16  # every hash partition counted separately, then summed
+    truth = exact_distinct(table, *month_days("2025-03"))
+    code = herd(["license", "report", "--store", str(million_store.root), "--release-date", "2025-04-05",
+                 "--as-of", "2025-03-31", "--audit", "--json"])
+    out = capsys.readouterr().out
+    rep = json.loads(out[out.index("{\n"): out.rindex("}") + 1])
+    assert code == 0
+    audit = rep["audit"]
+    assert audit["month"] == "2025-03"
+    assert audit["company"] == truth["company"]
+    assert audit["products"] == truth["products"]
+    assert audit["affiliates"] == truth["affiliates"]
+    assert audit["partitions"] == 64  # every hash partition counted on its own, then summed
+    # The sketch's figure for the same month brackets the audited one.
+    c = rep["question"]["company"]
+    assert c["low_95"] <= audit["company"] <= c["high_95"]
 
 
 @pytest.mark.slow
