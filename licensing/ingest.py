@@ -202,10 +202,10 @@ def ingest_file(store, path: str, key: bytes, config: LicensingConfig,
 
 def check_key_matches(store, key: bytes) -> None:
     """Refuse to add data hashed with a different key than the store's: the same user would count twice."""
+    import json
+
     kid = key_id(key)
     for path in store.list("commits/")[:1]:
-        import json
-
         theirs = json.loads(store.get(path)).get("key_id")
         if theirs and theirs != kid:
             raise UserError(

@@ -95,7 +95,7 @@ class Estimate:
 
     @staticmethod
     def of(registers: np.ndarray, z: float = Z_95) -> "Estimate":
-        v = estimate(registers)
+        v = float(estimate(registers))
         e = z * rse(int(math.log2(registers.size))) * v
         return Estimate(v, max(0.0, v - e), v + e)
 

@@ -91,3 +91,24 @@ def test_no_key_no_tracker(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="HERD_LICENSING_KEY"):
         MauTracker(store=str(tmp_path))
     MauTracker(LicensingConfig(key="ab" * 16), store=str(tmp_path)).close()
+
+
+def test_compact_snapshot_plus_later_flushes_equals_everything(tmp_path, capsys):
+    from herd.cli import main as herd
+
+    store = LocalStore(str(tmp_path))
+    for r in ("r1", "r2"):
+        with MauTracker(store=str(tmp_path), replica=r, flush_interval_s=3600) as t:
+            for i in range(400):
+                t.record(f"{r}-{i}", "chat", 1741000000)
+    before = ledger.load_sketches(store)
+    assert herd(["license", "compact", "--store", str(tmp_path)]) == 0
+    assert "snapshot 0 covers 2 commits" in capsys.readouterr().out
+    assert herd(["license", "compact", "--store", str(tmp_path)]) == 0
+    assert "nothing new" in capsys.readouterr().out
+    with MauTracker(store=str(tmp_path), replica="r3", flush_interval_s=3600) as t:  # after the snapshot
+        for i in range(400):
+            t.record(f"r3-{i}", "mail", 1741000000)
+    after = ledger.load_sketches(store)
+    assert all(np.array_equal(after.groups[k], before.groups[k]) for k in before.groups)
+    assert set(after.groups) == set(before.groups) | {("mail", "", 1741000000 // 86400)}
