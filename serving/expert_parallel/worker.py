@@ -56,6 +56,12 @@ class EPWorker:
             if node == self.node:
                 self.tp_group = g
 
+    def cpu_seconds(self) -> float:
+        """CPU time this worker process has used (all threads): cost per token regardless of contention."""
+        import time
+
+        return time.process_time()
+
     def run(self, fn, *args, **kwargs):
         """Run `fn(self, *args, **kwargs)` here (benchmarks and layer trials ship their code this way)."""
         return fn(self, *args, **kwargs)
