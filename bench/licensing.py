@@ -120,14 +120,8 @@ def bench_accuracy(sizes: list[int]) -> list[dict]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (2M events, up to 10M distinct)")
-    ap.add_argument("--events", type=int, default=None)
-    ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args()
-    n_events = args.events or (2_000_000 if args.quick else 5_000_000)
-    sizes = [1_000_000, 10_000_000] if args.quick else [1_000_000, 10_000_000, 100_000_000]
+def bench_throughput(n_events: int, workers: int) -> None:
+    """Ingest, then audit what was ingested; prints both lines."""
     with tempfile.TemporaryDirectory() as d:
         ing = bench_ingest(n_events, d)
         print(f"ingest: {ing['events']:,} events from Parquet in {ing['wall_s']:.2f} s wall, {ing['cpu_s']:.2f} s CPU"
@@ -136,11 +130,27 @@ def main() -> None:
               f" update) {ing['reference_per_item_events_per_s'] / 1e6:.3f} M/s -> ratio "
               f"{ing['events_per_s_per_core'] / ing['reference_per_item_events_per_s']:.1f}x")
         pa.set_cpu_count(os.cpu_count() or 2)
-        aud = bench_audit(ing["store"], args.workers)
+        aud = bench_audit(ing["store"], workers)
         print(f"audit: {aud['rows']:,} stored events (March) counted exactly by Ray Data in {aud['wall_s']:.2f} s "
               f"with {aud['workers']} workers -> {aud['rows_per_s_per_worker'] / 1e6:.3f} M rows/s per worker; "
               f"one-process numpy reference {aud['numpy_one_process_rows_per_s'] / 1e6:.2f} M rows/s; "
               f"distinct {aud['distinct']:,} (equal to the reference)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (2M events, up to 10M distinct)")
+    ap.add_argument("--events", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--sizes", type=str, default=None, help="comma-separated distinct counts for the accuracy part")
+    ap.add_argument("--accuracy-only", action="store_true", help="skip the ingest and audit parts")
+    args = ap.parse_args()
+    n_events = args.events or (2_000_000 if args.quick else 5_000_000)
+    sizes = [1_000, 100_000, 1_000_000, 10_000_000] + ([] if args.quick else [100_000_000])
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    if not args.accuracy_only:
+        bench_throughput(n_events, args.workers)
     for r in bench_accuracy(sizes):
         ds = "" if r["datasketches_rel_error"] is None else f"; DataSketches HLL {r['datasketches_rel_error']:+.4%}"
         size = ("" if r["datasketches_hll4_bytes"] is None
