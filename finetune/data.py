@@ -24,7 +24,7 @@ IGNORE = -100  # label value the loss skips (prompt, system and padding tokens)
 def to_messages(row: dict) -> list[dict]:
     """The conversation of one row; raises ValueError naming what is wrong with it."""
     messages = row.get("messages")
-    if messages is not None and not (isinstance(messages, float)):  # Parquet gives NaN-free lists or None
+    if messages is not None:
         msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     elif row.get("prompt") is not None and row.get("completion") is not None:
         msgs = [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["completion"])}]
@@ -88,11 +88,17 @@ def tokenize_batch(batch: dict, base_model: str, s3: dict, max_len: int, credent
         out["key"].append(hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest())
     import numpy as np
 
-    return {
-        "input_ids": np.array([np.array(x, dtype=np.int64) for x in out["input_ids"]] + [None], dtype=object)[:-1],
-        "labels": np.array([np.array(x, dtype=np.int64) for x in out["labels"]] + [None], dtype=object)[:-1],
-        "key": np.array(out["key"]),
-    }
+    return {"input_ids": _ragged(out["input_ids"]), "labels": _ragged(out["labels"]), "key": np.array(out["key"])}
+
+
+def _ragged(rows: list[list[int]]):
+    """A 1-D object array of int64 arrays: Ray Data's numpy format for variable-length columns."""
+    import numpy as np
+
+    arr = np.empty(len(rows), dtype=object)
+    for i, r in enumerate(rows):
+        arr[i] = np.asarray(r, dtype=np.int64)
+    return arr
 
 
 def _plain(v):

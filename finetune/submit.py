@@ -1,8 +1,10 @@
 """Submit a job file to a Ray cluster through Ray's job SDK and follow its log (`herd finetune submit`).
 
-The job runs `python -m finetune job.yaml` on the cluster, as `ray job submit` would. What travels: a working
-directory holding only the validated job file, and herd's packages as `py_modules`, so the cluster needs the
-same Python dependencies installed but no copy of this repository.
+The job runs `python -m finetune job.yaml` on the cluster, as `ray job submit --working-dir` would. What travels:
+a working directory holding the validated job file and herd's packages (no tests, no caches), so the cluster
+needs the same Python dependencies installed but no copy of this repository. (One working directory rather than
+`py_modules` plus a working directory: with both, Ray 2.60 lost the working-directory package before Ray Data's
+tasks started.)
 """
 from __future__ import annotations
 
@@ -40,10 +42,12 @@ def submit(job_path: str | Path, address: str, follow: bool = True, out=sys.stdo
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="herd-submit-") as tmp:
         shutil.copy(job_path, Path(tmp) / "job.yaml")
+        for pkg in PACKAGES:
+            shutil.copytree(REPO / pkg, Path(tmp) / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         submission_id = client.submit_job(
             entrypoint="python -m finetune job.yaml",
             submission_id=f"finetune-{job.name}-{int(time.time())}",
-            runtime_env={"working_dir": tmp, "py_modules": [str(REPO / p) for p in PACKAGES]},
+            runtime_env={"working_dir": tmp},
             metadata={"herd": "finetune", "run": job.name},
         )
     print(f"submitted {submission_id} to {address}", file=out, flush=True)
