@@ -1,4 +1,8 @@
-"""Fixtures for the expert-parallel tests: the single-process reference on maverick-tiny, shared per session."""
+"""Fixtures for the expert-parallel tests: the single-process reference and the EP engines on maverick-tiny.
+
+Package-scoped: built once for tests/serving_ep and shut down (actors, placement groups) when it is done,
+while the session's two-node Ray cluster stays up for the other areas.
+"""
 from __future__ import annotations
 
 import os
@@ -14,7 +18,7 @@ def prompts() -> list[str]:
     return list(PROMPTS)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference_engine(maverick_tiny):
     """The single-process engine (fp32) every expert-parallel layout must match."""
     from serving.engine import LLMEngine
@@ -24,7 +28,7 @@ def reference_engine(maverick_tiny):
     engine.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference_tokens(reference_engine):
     from serving.engine import SamplingParams
 
@@ -32,7 +36,7 @@ def reference_tokens(reference_engine):
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def s3_checkpoint(s3_server, maverick_tiny, tmp_path_factory):
     """maverick-tiny uploaded to the loopback S3 server; (url, endpoint, local metadata folder)."""
     import uuid
@@ -50,7 +54,7 @@ def s3_checkpoint(s3_server, maverick_tiny, tmp_path_factory):
     return url, s3_server, meta
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ep2_engine(ray_cluster, s3_checkpoint, tmp_path_factory):
     """EP=2: two simulated nodes with one worker each, weights from S3 (no shared folder, node-local caches)."""
     from serving.engine import LLMEngine
@@ -65,7 +69,7 @@ def ep2_engine(ray_cluster, s3_checkpoint, tmp_path_factory):
     engine.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ep4_engine(ray_cluster, maverick_tiny):
     """EP=4: two simulated nodes with two workers each (tensor parallel within the node), from the folder."""
     from serving.engine import LLMEngine
