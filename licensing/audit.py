@@ -75,21 +75,6 @@ def _count_partition(group):
     return pa.table({"scope": scopes, "name": names, "distinct": pa.array(counts, pa.int64())})
 
 
-def _count_block(block):
-    """Reduce side: count each ID partition in this block on its own; partitions are disjoint, so counts add."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    tables = [_count_partition(block.filter(pc.equal(block["part"], p)))
-              for p in pc.unique(block["part"]).to_pylist()]
-    if not tables:
-        return pa.table({"scope": pa.array([], pa.string()), "name": pa.array([], pa.string()),
-                         "distinct": pa.array([], pa.int64()), "parts": pa.array([], pa.int64())})
-    summed = pa.concat_tables(tables).group_by(["scope", "name"], use_threads=False).aggregate([("distinct", "sum")])
-    return summed.rename_columns(["scope", "name", "distinct"]).append_column(
-        "parts", pa.array([len(tables)] * summed.num_rows, pa.int64()))
-
-
 def exact_counts(store, lo: int, hi: int, months: list[str], partition_bits: int = PARTITION_BITS,
                  shuffle_partitions: int = 4, num_cpus: float = 0.25) -> dict:
     """Exact distinct users over days [lo, hi] (in `months`), through Ray Data on the current Ray cluster.
@@ -104,19 +89,24 @@ def exact_counts(store, lo: int, hi: int, months: list[str], partition_bits: int
         return {"company": 0, "products": {}, "affiliates": {}, "files": 0, "partitions": 0}
     paths, fs = store.ray_paths(files)
     ctx = DataContext.get_current()
-    ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE  # rows of one partition meet on one worker
-    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus, override_num_blocks=len(paths)).select_columns(
-        ["uid", "day", "product", "affiliate"])
-    ds = ds.map_batches(_prepare, fn_kwargs={"lo": lo, "hi": hi, "bits": partition_bits}, batch_format="pyarrow",
-                        num_cpus=num_cpus)
-    # A hash repartition on the partition column puts every row of an ID partition in one block.
-    out = ds.repartition(shuffle_partitions, keys=["part"]).map_batches(
-        _count_block, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus)
+    previous = ctx.shuffle_strategy
+    ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE  # rows of one ID partition meet in one reducer
+    try:
+        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus,
+                                   override_num_blocks=len(paths)).select_columns(["uid", "day", "product", "affiliate"])
+        ds = ds.map_batches(_prepare, fn_kwargs={"lo": lo, "hi": hi, "bits": partition_bits},
+                            batch_format="pyarrow", num_cpus=num_cpus)
+        # map_groups sees all rows of one partition in one call, however large the partition grows.
+        out = ds.groupby("part", num_partitions=shuffle_partitions).map_groups(
+            _count_partition, batch_format="pyarrow", num_cpus=num_cpus)
+        rows = list(out.iter_rows())
+    finally:
+        ctx.shuffle_strategy = previous
     totals: dict[tuple[str, str], int] = defaultdict(int)
     parts = 0
-    for row in out.iter_rows():
+    for row in rows:
         totals[(row["scope"], row["name"])] += int(row["distinct"])
-        parts += row["parts"] if row["scope"] == "company" else 0
+        parts += row["scope"] == "company"
     return {
         "company": totals.get(("company", ""), 0),
         "products": {n: v for (s, n), v in sorted(totals.items()) if s == "product"},
