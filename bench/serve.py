@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--expert-parallel", type=int, default=1)
+    ap.add_argument("--stream-interval", type=float, default=0.0, help="server's stream_interval_s")
     ap.add_argument("--skip-engine", action="store_true", help="HTTP only (no in-process reference)")
     return ap.parse_args(argv)
 
@@ -167,7 +168,8 @@ def main(argv=None) -> None:
     max_len = args.prompt_len + args.max_tokens + 8
     max_seqs = max(args.concurrency)
     print(f"bench/serve: {args.num_prompts} prompts x {args.prompt_len} tokens -> {args.max_tokens} tokens, "
-          f"checkpoint {path}, EP={args.expert_parallel}, {os.cpu_count()} CPUs", flush=True)
+          f"checkpoint {path}, EP={args.expert_parallel}, stream interval {args.stream_interval}s, "
+          f"{os.cpu_count()} CPUs", flush=True)
 
     import httpx
 
@@ -215,7 +217,8 @@ def launch(path: Path, args, max_len: int, max_seqs: int) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     app = build_app({"model": str(path), "served_model_name": args.model, "max_model_len": max_len,
                      "max_num_seqs": max_seqs, "max_waiting_requests": 4 * max_seqs, "dtype": "float32",
-                     "expert_parallel_size": args.expert_parallel, "app_name": "bench"})
+                     "expert_parallel_size": args.expert_parallel, "app_name": "bench",
+                     "stream_interval_s": args.stream_interval})
     serve.run(app, name="bench", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200

@@ -46,6 +46,9 @@ class ServeArgs(BaseModel):
     product: str = Field("llm-api", min_length=1, description="Product name requests count under for the licence.")
     app_name: str = Field("herd", min_length=1, description="Serve application name (names the metrics hub).")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 when the queue is full.")
+    stream_interval_s: float = Field(0.0, ge=0, le=1.0, description="Streaming: send the tokens gathered over this "
+                                                                      "long as one chunk (0: every engine step). "
+                                                                      "Fewer chunks cost less CPU per token.")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":

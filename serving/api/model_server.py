@@ -83,14 +83,21 @@ class ModelServer:
             delta = await deltas.__anext__()
             tracker = _RequestTimes(self.metrics, t_arrival, len(prompt_ids))
             if job["stream"]:
-                first = True
+                # Each item costs a hop through Serve; with stream_interval_s > 0, deltas that arrive within the
+                # interval travel as one item (the first token is never held back).
+                interval, last_sent, held = self.args.stream_interval_s, 0.0, []
                 while True:
                     tracker.on_delta(delta)
                     finished = delta.finish_reason is not None
-                    item = _item(delta)
-                    if first:
-                        item["prompt_tokens"], first = len(prompt_ids), False
-                    yield item
+                    held.append(delta.new_text)
+                    now = time.monotonic()
+                    if finished or now - last_sent >= interval:
+                        item = _item(delta)
+                        item["text"], held = "".join(held), []
+                        if last_sent == 0.0:
+                            item["prompt_tokens"] = len(prompt_ids)
+                        last_sent = now
+                        yield item
                     if finished:
                         break
                     delta = await deltas.__anext__()
@@ -158,6 +165,7 @@ class ModelServer:
             self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
 
     async def _push_metrics(self) -> None:
+        experts: asyncio.Future | None = None
         while True:
             try:
                 stats = self.llm.stats()
@@ -166,10 +174,17 @@ class ModelServer:
                     "herd:num_requests_waiting": float(stats.num_waiting),
                     "herd:kv_cache_usage_perc": float(stats.kv_cache_usage),
                 })
-                self.metrics.set_expert_counts(self.llm.routed_token_counts().tolist())
+                # With expert parallelism the counts come from the workers (a blocking Ray call that may wait
+                # for a step): fetch them in a thread, one fetch at a time, never on this event loop.
+                if experts is not None and experts.done():
+                    self.metrics.set_expert_counts(experts.result().tolist())
+                    experts = None
+                if experts is None:
+                    experts = asyncio.ensure_future(asyncio.to_thread(self.llm.routed_token_counts))
                 await self.hub.report.remote(self.replica_id, self.metrics.snapshot())
             except Exception as e:  # metrics must never take the replica down
                 log.warning("metrics push failed: %s", e.__class__.__name__)
+                experts = None
             await asyncio.sleep(PUSH_INTERVAL_S)
 
     def __del__(self):

@@ -1,7 +1,8 @@
 """Hostile and malformed requests against a real Serve app: each gets the right 4xx in OpenAI's error shape,
 naming the field, and the server keeps serving. API-key auth. A full queue answers 503 with Retry-After, promptly.
 
-The app is deliberately small (one running sequence, one waiting) so that a burst overflows it.
+The app is deliberately small (one running sequence, one waiting) so that a burst overflows it, and gathers
+streamed tokens into chunks of 0.2 s (stream_interval_s), which must not change the text.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def server(serve_port, scout_tiny, keys_file):
     base = deploy_app(APP, serve_port, model=str(scout_tiny), api_keys_file=str(keys_file), max_num_seqs=1,
-                      max_waiting_requests=1, retry_after_s=2)
+                      max_waiting_requests=1, retry_after_s=2, stream_interval_s=0.2)
     yield base
     delete_app(APP)
 
@@ -208,3 +209,18 @@ def test_full_queue_gets_503_with_retry_after(server):
     r = httpx.post(f"{server}/v1/completions", timeout=60,
                    json={"model": "scout-tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}, headers=AUTH)
     assert r.status_code == 200, r.text
+
+
+def test_stream_interval_gathers_tokens_without_changing_the_text(server, reference_engine):
+    from serving.engine import SamplingParams
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    chunks = list(client.completions.create(model="scout-tiny", prompt="The herd", max_tokens=24, temperature=0.7,
+                                            seed=3, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    ref = reference_engine.generate("The herd", SamplingParams(max_tokens=24, temperature=0.7, seed=3,
+                                                               ignore_eos=True))[0]
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert "".join(texts) == ref.outputs[0].text
+    assert chunks[-1].usage.completion_tokens == 24
+    assert len(texts) < 24  # tokens travelled together
