@@ -48,8 +48,11 @@ class EPExecutor:
 
     def __init__(self, group: ExpertParallelGroup, shard_spec: ShardSpec, max_num_seqs: int, max_model_len: int,
                  step_timeout_s: float = 60.0, load_timeout_s: float = 300.0):
+        from cluster.placement import PlacementMap
+
         self.group = group
         self.shard_spec = shard_spec
+        self.expert_placement = PlacementMap.from_json(shard_spec.placement_json)  # which worker holds which expert
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.nodes = group.spec.num_nodes

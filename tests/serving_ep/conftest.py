@@ -70,12 +70,18 @@ def ep2_engine(ray_cluster, s3_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="package")
-def ep4_engine(ray_cluster, maverick_tiny):
-    """EP=4: two simulated nodes with two workers each (tensor parallel within the node), from the folder."""
+def ep4_engine(ray_cluster, maverick_tiny, tmp_path_factory):
+    """EP=4: two simulated nodes with two workers each (tensor parallel within the node), from the folder, with
+    a planner's placement file that gives experts 0 and 1 a second copy on the other node."""
+    from cluster.placement import PlacementMap
+    from llama4.config import TextConfig
     from serving.engine import LLMEngine
 
+    cfg = TextConfig.from_pretrained(maverick_tiny)
+    path = tmp_path_factory.mktemp("placement") / "placement.json"
+    PlacementMap.contiguous(list(cfg.moe_layers), cfg.num_local_experts, 2, nodes=2, redundant=2).save(path)
     engine = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=256,
                                        expert_parallel_size=4, tensor_parallel_size=2, nodes=["node0", "node1"],
-                                       num_cpus_per_worker=0.25)
+                                       num_cpus_per_worker=0.25, placement=str(path))
     yield engine
     engine.shutdown()

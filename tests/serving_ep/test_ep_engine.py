@@ -68,7 +68,18 @@ def test_each_worker_holds_its_share_of_routed_experts(ep_engine, maverick_tiny)
     total = per_expert * cfg.num_local_experts * cfg.num_moe_layers
     for held in ex.worker_bytes:
         assert abs(held["routed_expert_bytes"] - total / n) <= per_expert * cfg.num_moe_layers
-    assert sum(h["routed_expert_bytes"] for h in ex.worker_bytes) == total
+    copies = sum(len(ex.expert_placement.copies(layer, e)) for layer in cfg.moe_layers
+                 for e in range(cfg.num_local_experts))
+    assert sum(h["routed_expert_bytes"] for h in ex.worker_bytes) == per_expert * copies
+
+
+@pytest.mark.slow
+def test_ep4_placement_replicates_experts_across_nodes(ep4_engine):
+    """The planner's file was used: experts 0 and 1 have a copy on each node (a token goes to one of them, chosen
+    by its index), and the EP=4 tests above pass with it."""
+    p = ep4_engine.executor.expert_placement
+    assert [c.node for c in p.copies(1, 0)] == [0, 1] and [c.node for c in p.copies(1, 1)] == [0, 1]
+    assert [len(p.experts_on(r, 1)) for r in range(4)] == [33, 33, 32, 32]
 
 
 @pytest.mark.slow
