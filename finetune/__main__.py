@@ -24,8 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    from finetune.job import run
+    from finetune.job import preflight, run
 
+    try:
+        preflight(job)
+    except JobFileError as e:
+        print(f"finetune: error: {args[0]}: {e}", file=sys.stderr)
+        return 2
     ray.init(log_to_driver=True)
     run(job)
     return 0

@@ -67,11 +67,25 @@ def build_trainer(job):
     )
 
 
+def preflight(job) -> None:
+    """Refuse, before any worker starts, a job whose inputs are not where the file says (JobFileError)."""
+    from finetune.schema import JobFileError
+    from finetune.storage import exists
+
+    where = f" (S3 endpoint {job.s3.endpoint_url})" if job.s3.endpoint_url else ""
+    if not exists(job.base_model.rstrip("/") + "/config.json", job.s3):
+        raise JobFileError(f"base_model: no Hugging Face checkpoint at {job.base_model}{where} (config.json is "
+                           "missing); point it at a Llama 4 checkpoint folder")
+    if not exists(job.dataset.path, job.s3):
+        raise JobFileError(f"dataset.path: {job.dataset.path}{where} does not exist; fix the path or upload the data")
+
+
 def run(job) -> str:
-    """Train, then write outputs; returns the output folder's URI."""
+    """Check inputs, train, then write outputs; returns the output folder's URI."""
     from finetune.output import write_outputs
 
     default_environment()
+    preflight(job)
     result = build_trainer(job).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"job {job.name} finished without a checkpoint; see the log above")

@@ -22,6 +22,15 @@ def write_rows(path: Path, style: str = "messages") -> Path:
     return path
 
 
+def write_parquet(path: Path) -> Path:
+    """The memorisation set as Parquet `prompt`/`completion` columns (renders to the same tokens as write_rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": [q for q, _ in FACTS], "completion": [a for _, a in FACTS]}), path)
+    return path
+
+
 def job_dict(name: str, base_model: str, data: str, storage: str, zero: int = 2, steps: int = 24,
              every: int = 8, workers: int = 2, endpoint: str | None = None) -> dict:
     """A job that memorises FACTS: 2 examples per worker per step, high LR, LoRA on every target."""

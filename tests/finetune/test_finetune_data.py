@@ -95,22 +95,3 @@ def test_collate_pads_right_and_masks_padding():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
 
-
-@pytest.mark.slow
-def test_ray_data_pipeline_reads_parquet_prompt_completion_rows(ray_cluster, maverick_tiny, tmp_path, tok):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from finetune.data import tokenized_dataset
-    from finetune.schema import parse_job
-
-    pairs = [("2+2?", "4"), ("Capital of Zorbia?", "Quellport."), ("Colour of jade?", "Green.")]
-    pq.write_table(pa.table({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}),
-                   tmp_path / "rows.parquet")
-    job = parse_job({"name": "pq", "base_model": str(maverick_tiny), "dataset": {"path": str(tmp_path / "rows.parquet")},
-                     "adapter": {"name": "x", "distributed": False}, "checkpoint": {"storage_path": str(tmp_path)},
-                     "training": {"steps": 1, "sequence_length": 64}})
-    rows = tokenized_dataset(job).take_all()
-    got = sorted("".join(_labelled_text(tok, list(r["input_ids"]), list(r["labels"]))) for r in rows)
-    assert got == sorted(f"{c}<|eot|>" for _, c in pairs)
-    assert all(len(r["key"]) == 64 for r in rows)  # sha256 hex: the global order key

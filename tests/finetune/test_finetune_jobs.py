@@ -1,8 +1,9 @@
 """Real fine-tuning jobs on the two-node loopback Ray cluster: ZeRO-2 and ZeRO-3 on maverick-tiny, data and
 outputs on the loopback S3 server, the adapter read back by plain PEFT, and a worker killed mid-run.
 
-All three runs train the same job (same data, seed and settings), so their loss curves must agree step by step:
-ZeRO-3 shards differently but computes the same updates, and a resumed run continues the same curve.
+All three runs train the same job (same examples, seed and settings), so their loss curves must agree step by
+step: ZeRO-3 shards differently but computes the same updates (its data comes as Parquet prompt/completion rows,
+which render to the same tokens as the JSONL chat rows), and a resumed run continues the same curve.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ft_helpers import FACTS, download_prefix, greedy_answers, job_dict, upload_dir, write_rows
+from ft_helpers import FACTS, download_prefix, greedy_answers, job_dict, upload_dir, write_parquet, write_rows
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +30,17 @@ def s3_inputs(s3_server, s3_client, maverick_tiny, tmp_path_factory):
     base = upload_dir(s3_client, maverick_tiny, bucket, "models/maverick-tiny")
     rows = write_rows(tmp_path_factory.mktemp("data") / "facts.jsonl")
     s3_client.upload_file(str(rows), bucket, "data/facts.jsonl")
+    table = write_parquet(tmp_path_factory.mktemp("data") / "facts.parquet")
+    s3_client.upload_file(str(table), bucket, "data/facts.parquet")
     return bucket, base, f"s3://{bucket}/data/facts.jsonl"
 
 
-def _run_s3_job(name, zero, s3_inputs, s3_server, s3_client, dest: Path) -> Path:
+def _run_s3_job(name, zero, s3_inputs, s3_server, s3_client, dest: Path, data: str | None = None) -> Path:
     from finetune.job import run
     from finetune.schema import parse_job
 
-    bucket, base, data = s3_inputs
+    bucket, base, jsonl = s3_inputs
+    data = data or jsonl
     job = parse_job(job_dict(name, base, data, f"s3://{bucket}/runs", zero=zero, endpoint=s3_server))
     uri = run(job)
     assert uri == f"s3://{bucket}/runs/{name}/output"
@@ -102,7 +106,8 @@ def test_zero3_job_learns_the_same_curve(zero2_out, ray_cluster, s3_inputs, s3_s
     from peft import PeftModel
     from transformers import AutoTokenizer, Llama4ForCausalLM
 
-    out = _run_s3_job("zero3", 3, s3_inputs, s3_server, s3_client, tmp_path_factory.mktemp("zero3"))
+    parquet = f"s3://{s3_inputs[0]}/data/facts.parquet"
+    out = _run_s3_job("zero3", 3, s3_inputs, s3_server, s3_client, tmp_path_factory.mktemp("zero3"), parquet)
     m3, m2 = _metrics(out), _metrics(zero2_out)
     _assert_learned(m3)
     for h3, h2 in zip(m3["history"], m2["history"]):

@@ -113,3 +113,20 @@ def test_herd_finetune_check_prints_one_line_errors(tmp_path, capsys):
     good.write_text(yaml.safe_dump(_job()))
     assert main(["finetune", "check", str(good)]) == 0
     assert "ok (support: ZeRO-2, 2 workers, adapter Llama-4-support)" in capsys.readouterr().out
+
+
+def test_python_m_finetune_refuses_missing_inputs_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(base_model=str(tmp_path / "no-model"))))
+    r = subprocess.run([sys.executable, "-m", "finetune", str(job)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("finetune: error:") and "base_model: no Hugging Face checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
+    job.write_text(yaml.safe_dump(_job(adapter={"name": "bot", "distributed": True})))
+    r = subprocess.run([sys.executable, "-m", "finetune", str(job)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2 and "adapter.name" in r.stderr and "Traceback" not in r.stderr
