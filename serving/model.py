@@ -62,6 +62,7 @@ class Batch:
     decode_max_pos: int
     decode_max_ring: int  # max of position % chunk size
     prefill: list[SeqSpan]
+    single: SeqSpan | None = None  # the one sequence, when the batch holds just one (cache views, no gathers)
 
     @classmethod
     def build(cls, spans: list[tuple[int, list[int], int, bool]], device: torch.device | str,
@@ -101,6 +102,7 @@ class Batch:
             decode_max_pos=max((s.start_pos for s in decode), default=-1),
             decode_max_ring=max((s.start_pos % chunk_size for s in decode), default=-1),
             prefill=prefill,
+            single=seq_spans[0] if len(seq_spans) == 1 else None,
         )
 
 
@@ -108,8 +110,7 @@ class Batch:
 class StepTables:
     """Per-step values shared by all layers: RoPE rotation and the NoPE query temperature."""
 
-    cos_TF: torch.Tensor  # [T, Dh/2] (F = Dh/2 frequency pairs)
-    sin_TF: torch.Tensor
+    rot_T1F: torch.Tensor  # complex64 [T, 1, Dh/2]: e^(i * position * frequency), F = Dh/2 pairs
     attn_scale_T: torch.Tensor | None  # [T] query scale on NoPE layers, None when tuning is off
 
 
@@ -125,14 +126,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return l2_norm(x, self.eps) * self.weight
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama 4's weightless QK norm (transformers' `Llama4TextL2Norm`)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    """x * rsqrt(mean(x^2) + eps) in float32, no weight: Llama 4's QK norm (transformers' `Llama4TextL2Norm`)."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x)
 
 
 def rope_inv_freq(cfg: TextConfig) -> torch.Tensor:
@@ -155,12 +154,10 @@ def rope_inv_freq(cfg: TextConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x_THX: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_THX: torch.Tensor, rot_T1F: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) as complex numbers, in float32 (Llama 4's layout)."""
-    xf = x_THX.float().unflatten(-1, (-1, 2))  # [T, H, F, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x_THX)
+    x_THF = torch.view_as_complex(x_THX.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(x_THF * rot_T1F).flatten(-2).type_as(x_THX)
 
 
 class SwiGLU(nn.Module):
@@ -213,17 +210,23 @@ class Attention(nn.Module):
         k_THX = self.k_proj(x_TD).view(T, self.n_kv_heads, self.head_dim)
         v_THX = self.v_proj(x_TD).view(T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
-            q_THX = apply_rope(q_THX, tables.cos_TF, tables.sin_TF)
-            k_THX = apply_rope(k_THX, tables.cos_TF, tables.sin_TF)
+            q_THX = apply_rope(q_THX, tables.rot_T1F)
+            k_THX = apply_rope(k_THX, tables.rot_T1F)
         if self.use_qk_norm:
             q_THX, k_THX = l2_norm(q_THX, self.eps), l2_norm(k_THX, self.eps)
         if self.temperature_tuning:
             q_THX = (q_THX * tables.attn_scale_T[:, None, None]).to(q_THX.dtype)
 
         # Write this step's keys and values first, then every query reads its context from the cache.
-        cache_pos_T = self._cache_index(batch.positions_T)
-        self.cache_k[batch.slots_T, :, cache_pos_T] = k_THX.to(self.cache_k.dtype)
-        self.cache_v[batch.slots_T, :, cache_pos_T] = v_THX.to(self.cache_v.dtype)
+        one = batch.single
+        if one is not None:  # a piece never crosses a chunk boundary, so its ring entries are contiguous
+            start = one.start_pos % self.chunk_size if self.use_rope else one.start_pos
+            self.cache_k[one.slot, :, start:start + T] = k_THX.transpose(0, 1)
+            self.cache_v[one.slot, :, start:start + T] = v_THX.transpose(0, 1)
+        else:
+            cache_pos_T = self._cache_index(batch.positions_T)
+            self.cache_k[batch.slots_T, :, cache_pos_T] = k_THX.to(self.cache_k.dtype)
+            self.cache_v[batch.slots_T, :, cache_pos_T] = v_THX.to(self.cache_v.dtype)
 
         if not batch.prefill:
             out_TX = self._decode(q_THX, batch)
@@ -242,8 +245,12 @@ class Attention(nn.Module):
         pos_B = self._cache_index(batch.decode_pos_B)
         # On RoPE layers only the current chunk's ring entries [0, p % C] are live.
         length = (batch.decode_max_ring if self.use_rope else batch.decode_max_pos) + 1
-        k_BHLX = self.cache_k[:, :, :length][batch.decode_slots_B]
-        v_BHLX = self.cache_v[:, :, :length][batch.decode_slots_B]
+        if batch.single is not None:
+            slot = batch.single.slot
+            k_BHLX, v_BHLX = self.cache_k[slot:slot + 1, :, :length], self.cache_v[slot:slot + 1, :, :length]
+        else:
+            k_BHLX = self.cache_k[:, :, :length][batch.decode_slots_B]
+            v_BHLX = self.cache_v[:, :, :length][batch.decode_slots_B]
         q_BHGX = q_BHX.view(B, self.n_kv_heads, -1, self.head_dim)  # query head h = kv head h // G
         mask = None
         if B > 1:
@@ -413,7 +420,7 @@ class Transformer(nn.Module):
         if self.cfg.attn_temperature_tuning:
             scale_T = torch.log1p(torch.floor((positions_T.float() + 1.0) / self.cfg.floor_scale)) \
                 * self.cfg.attn_scale + 1.0
-        return StepTables(torch.cos(freqs_TF), torch.sin(freqs_TF), scale_T)
+        return StepTables(torch.polar(torch.ones_like(freqs_TF), freqs_TF)[:, None, :], scale_T)
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
