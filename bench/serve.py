@@ -174,6 +174,9 @@ def main(argv=None) -> None:
     import httpx
 
     url = args.url or launch(path, args, max_len, max_seqs)
+    # The in-process engine lives beside the (idle between points) server, and each concurrency point runs
+    # HTTP then engine back to back, so both see the same machine load.
+    engine = None if args.skip_engine else build_engine(path, args, max_len, max_seqs)
     results = {}
     for c in args.concurrency:
         async def http_point():
@@ -181,22 +184,19 @@ def main(argv=None) -> None:
                 await http_request(client, args.model, prompt_set[0], 2)  # warm-up
                 return await sweep_point(lambda i, p: http_request(client, args.model, p, args.max_tokens),
                                          prompt_set, c)
-        results[c] = {"http": summary(*asyncio.run(http_point()))}
 
-    if not args.skip_engine:
-        shutdown_server(args)
-        engine = build_engine(path, args, max_len, max_seqs)
-        for c in args.concurrency:
-            async def engine_point():
-                await engine_request(engine, "warmup", prompt_set[0], 2)
-                return await sweep_point(lambda i, p: engine_request(engine, f"c{c}-{i}", p, args.max_tokens),
-                                         prompt_set, c)
+        async def engine_point():
+            await engine_request(engine, f"warmup-{c}", prompt_set[0], 2)
+            return await sweep_point(lambda i, p: engine_request(engine, f"c{c}-{i}", p, args.max_tokens),
+                                     prompt_set, c)
+
+        results[c] = {"http": summary(*asyncio.run(http_point()))}
+        if engine is not None:
             results[c]["engine"] = summary(*asyncio.run(engine_point()))
+        print_point(c, results[c]["http"], results[c].get("engine"))
+    if engine is not None:
         engine.shutdown()
-    for c, r in results.items():
-        print_point(c, r["http"], r.get("engine"))
-    if args.url is None and args.skip_engine:
-        shutdown_server(args)
+    shutdown_server(args)
 
 
 def launch(path: Path, args, max_len: int, max_seqs: int) -> str:
