@@ -6,6 +6,7 @@ The engine (scheduler, sampling, detokenization) drives any object with the `Exe
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,8 @@ import torch
 
 from llama4.config import TextConfig
 from serving.engine.kv_cache import KVCachePlan, SlotTable, plan_kv_cache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +62,7 @@ class LocalExecutor:
         self.device = model.embed_tokens.weight.device
         self.slots = SlotTable(plan.num_slots)
         model.allocate_kv_cache(plan.num_slots, plan.max_model_len)
+        log.info(plan.describe())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, cfg: TextConfig | None = None, dtype: str = "float32",
