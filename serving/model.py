@@ -63,6 +63,16 @@ class Batch:
     decode_max_ring: int  # max of position % chunk size
     prefill: list[SeqSpan]
     single: SeqSpan | None = None  # the one sequence, when the batch holds just one (cache views, no gathers)
+    chunk_size: int = 0
+
+    def decode_mask(self, ring: bool, length: int) -> torch.Tensor:
+        """bool [B, 1, 1, L]: which cache entries each decoding sequence sees (made once per step and layer type)."""
+        masks = self.__dict__.setdefault("_masks", {})
+        if ring not in masks:
+            pos_B = self.decode_pos_B % self.chunk_size if ring else self.decode_pos_B
+            keys_L = torch.arange(length, device=pos_B.device)
+            masks[ring] = (keys_L[None, :] <= pos_B[:, None])[:, None, None, :]
+        return masks[ring]
 
     @classmethod
     def build(cls, spans: list[tuple[int, list[int], int, bool]], device: torch.device | str,
@@ -103,6 +113,7 @@ class Batch:
             decode_max_ring=max((s.start_pos % chunk_size for s in decode), default=-1),
             prefill=prefill,
             single=seq_spans[0] if len(seq_spans) == 1 else None,
+            chunk_size=chunk_size,
         )
 
 
@@ -242,19 +253,17 @@ class Attention(nn.Module):
     def _decode(self, q_BHX: torch.Tensor, batch: Batch) -> torch.Tensor:
         """One query per sequence, all sequences in one padded attention call."""
         B = q_BHX.shape[0]
-        pos_B = self._cache_index(batch.decode_pos_B)
         # On RoPE layers only the current chunk's ring entries [0, p % C] are live.
         length = (batch.decode_max_ring if self.use_rope else batch.decode_max_pos) + 1
-        if batch.single is not None:
+        mask = None
+        if batch.single is not None:  # one sequence: every cached entry up to its position counts, no mask
             slot = batch.single.slot
             k_BHLX, v_BHLX = self.cache_k[slot:slot + 1, :, :length], self.cache_v[slot:slot + 1, :, :length]
         else:
             k_BHLX = self.cache_k[:, :, :length][batch.decode_slots_B]
             v_BHLX = self.cache_v[:, :, :length][batch.decode_slots_B]
+            mask = batch.decode_mask(self.use_rope, length)
         q_BHGX = q_BHX.view(B, self.n_kv_heads, -1, self.head_dim)  # query head h = kv head h // G
-        mask = None
-        if B > 1:
-            mask = (torch.arange(length, device=q_BHX.device)[None, :] <= pos_B[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(q_BHGX, k_BHLX.to(q_BHX.dtype), v_BHLX.to(q_BHX.dtype),
                                              attn_mask=mask)
         return out.reshape(B, -1)

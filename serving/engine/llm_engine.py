@@ -262,9 +262,9 @@ class LLMEngine:
         final: dict[str, RequestOutput] = {}
         wanted = set(ids)
         while wanted - final.keys():
-            for out in self.step():
-                if out.finished and out.request_id in wanted:
-                    final[out.request_id] = out
+            for req in self._step():  # build outputs for finished requests only: no per-step copies
+                if req.finished and req.request_id in wanted:
+                    final[req.request_id] = self._output(req)
         return [final[rid] for rid in ids]
 
     def stats(self) -> EngineStats:
