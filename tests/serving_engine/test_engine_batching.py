@@ -81,3 +81,46 @@ def test_prompt_too_long_is_refused_with_the_limit(maverick_tiny, prompts):
         engine.add_request("long", prompts(64, seed=0), SamplingParams())
     out = engine.generate([prompts(60, seed=0)], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
+
+
+class DyingExecutor(RecordingExecutor):
+    """The real executor, whose worker 'dies' on one chosen step (as an expert-parallel worker can)."""
+
+    def __init__(self, inner, die_on_step: int):
+        super().__init__(inner)
+        self.die_on_step, self.rebuilt = die_on_step, 0
+
+    def execute(self, chunks):
+        from serving.engine.errors import WorkerDiedError
+
+        if len(self.steps) == self.die_on_step:
+            self.steps.append([])
+            raise WorkerDiedError("worker 1 exited")
+        return super().execute(chunks)
+
+    def rebuild(self):
+        self.rebuilt += 1
+        self.inner.rebuild()
+
+
+def test_worker_death_fails_running_requests_and_the_engine_continues(maverick_tiny, prompts):
+    engine = LLMEngine.from_pretrained(maverick_tiny, max_num_seqs=2, max_model_len=128)
+    engine.executor = DyingExecutor(engine.executor, die_on_step=3)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outs = engine.generate([prompts(10, seed=i) for i in range(4)], params)
+    reasons = [o.outputs[0].finish_reason for o in outs]
+    assert reasons[:2] == ["error", "error"] and reasons[2:] == ["length", "length"]
+    assert "worker 1 exited" in outs[0].outputs[0].error and engine.executor.rebuilt == 1
+    alone = LLMEngine.from_pretrained(maverick_tiny, max_num_seqs=1, max_model_len=128)
+    assert outs[3].outputs[0].token_ids == alone.generate([prompts(10, seed=3)], params)[0].outputs[0].token_ids
+    assert engine.stats().kv_cache_usage == 0.0
+
+
+def test_chat_messages_render_with_the_checkpoints_template(maverick_engine):
+    ids = maverick_engine.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Hi there"}])
+    text = maverick_engine.tokenizer.decode(ids)
+    assert text.startswith("<|begin_of_text|><|header_start|>system<|header_end|>")
+    assert "Hi there<|eot|>" in text and text.endswith("<|header_start|>assistant<|header_end|>\n\n")
+    out = maverick_engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
+    assert out.prompt_token_ids == ids and len(out.outputs[0].token_ids) == 3
