@@ -229,7 +229,7 @@ def main(argv=None) -> None:
     for batch in args.batch_sizes:
         prompts = torch.randint(3, 2000, (batch, args.prompt_len), generator=g).tolist()
         herd = decode_tps(herd_generate(engine, prompts), batch, args.new_tokens, args.repeats, device)
-        ref = decode_tps(hf_generate(hf, prompts, device), batch, args.new_tokens, 1, device) if hf else None
+        ref = decode_tps(hf_generate(hf, prompts, device), batch, args.new_tokens, args.repeats, device) if hf else None
         rows.append((batch, herd, ref))
         ratio = f"{herd / ref:6.1f}x" if ref else "   n/a"
         ref_s = f"{ref:9.1f}" if ref else "      n/a"
