@@ -51,10 +51,10 @@ def bench_ingest(n_events: int, workdir: str) -> dict:
     sample = table["user_id"].slice(0, 200_000).to_pylist()
     key = bytes.fromhex(KEY_HEX)
     sk = hll_sketch(14, tgt_hll_type.HLL_8)
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time, like the ingest figure, so contention does not skew the ratio
     for uid in sample:
         sk.update(int.from_bytes(hashlib.blake2b(uid.encode(), key=key, digest_size=8).digest(), "little"))
-    ref = len(sample) / (time.perf_counter() - t)
+    ref = len(sample) / (time.process_time() - t)
     return {"events": n_events, "wall_s": wall, "cpu_s": cpu, "events_per_s_per_core": n_events / cpu,
             "events_per_s_wall": n_events / wall, "reference_per_item_events_per_s": ref, "store": store}
 
