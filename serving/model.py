@@ -24,7 +24,7 @@ Shape legend (suffixes on tensor names):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +64,11 @@ class Batch:
     prefill: list[SeqSpan]
     single: SeqSpan | None = None  # the one sequence, when the batch holds just one (cache views, no gathers)
     chunk_size: int = 0
+    _masks: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_mask(self, ring: bool, length: int) -> torch.Tensor:
         """bool [B, 1, 1, L]: which cache entries each decoding sequence sees (made once per step and layer type)."""
-        masks = self.__dict__.setdefault("_masks", {})
+        masks = self._masks
         if ring not in masks:
             pos_B = self.decode_pos_B % self.chunk_size if ring else self.decode_pos_B
             keys_L = torch.arange(length, device=pos_B.device)
