@@ -16,7 +16,7 @@ C most copies of any expert, W workers, S most slots on any worker, R rows recei
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,6 @@ class ExchangeTimes:
     combine: float = 0.0
     calls: int = 0
     rows_sent: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def expert_swiglu(x_ND: torch.Tensor, gate_up_DI2: torch.Tensor, down_ID: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class GroupSpec:
     num_cpus: float = 0.5  # per worker; fractional so several share a small test machine
     num_gpus: float = 0.0
     placement_group: object = None  # an existing placement group to use (e.g. a Serve replica's)
-    ready_timeout_s: float = 60.0
+    ready_timeout_s: float = 180.0  # reserving bundles and starting workers (a loaded host starts them slowly)
     collective_timeout_s: float = 60.0
     env: dict[str, str] = field(default_factory=dict)
 

@@ -1,9 +1,10 @@
 """What runs inside one expert-parallel worker: its model shard, its node's KV cache, its steps.
 
-Loading: the model is built with only this worker's experts in each MoE layer (the placement map says which),
-read through `llama4.checkpoint.CheckpointReader` from a folder or `S3Checkpoint` from `s3://` (byte ranges into
-the node-local cache); then the node's tensor parallelism is applied and every `RoutedExperts` module is swapped
-for `ParallelExperts`, which sends tokens to their experts' owners all-to-all.
+Loading: the model is built on the meta device with only this worker's experts in each MoE layer (the placement
+map says which) and the node's tensor parallelism applied, then filled with just that share, read through
+`llama4.checkpoint.CheckpointReader` from a folder or `S3Checkpoint` from `s3://` (byte ranges into the
+node-local cache), so a worker never holds more than its share plus one tensor. Every `RoutedExperts` module is
+then swapped for `ParallelExperts`, which sends tokens to their experts' owners all-to-all.
 
 Stepping: all workers of a node receive the node's sequence chunks (attention is data-parallel across nodes);
 a node with no work still joins every MoE layer's all-to-all with zero tokens, so the collectives line up.
@@ -88,13 +89,18 @@ class ShardRunner:
         placement = PlacementMap.from_json(spec.placement_json)
         reader = open_reader(spec)
         try:
-            model = _load_shard(reader, cfg, spec.dtype, lambda layer: placement.experts_on(worker.rank, layer))
+            model = _meta_model(cfg, lambda layer: placement.experts_on(worker.rank, layer))
+            apply_tensor_parallel(model, worker.tp_rank, worker.tp_size, worker.tp_group)  # shapes, hooks, tags
+            model = model.to(resolve_dtype(spec.dtype)).to_empty(device="cpu")
+            _load_params(model, reader, cfg)
+            model.reset_buffers()
+            model.eval().requires_grad_(False)
         finally:
             self.bytes_fetched = getattr(reader, "bytes_fetched", 0)
             reader.close()
         self.routed_bytes = sum(p.numel() * p.element_size() for m in model.moe_layers()
                                 for p in m.experts.parameters())
-        apply_tensor_parallel(model, worker.tp_rank, worker.tp_size, worker.tp_group)
+        self.other_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - self.routed_bytes
         self.times = ExchangeTimes()
         self.exchanges: list[ExpertExchange] = []
         for i, layer in enumerate(model.layers):
@@ -111,9 +117,8 @@ class ShardRunner:
         self.k = cfg.num_experts_per_tok
 
     def held_bytes(self) -> dict:
-        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"rank": self.worker.rank, "node": self.worker.node, "routed_expert_bytes": self.routed_bytes,
-                "other_bytes": total - self.routed_bytes, "bytes_fetched": self.bytes_fetched,
+                "other_bytes": self.other_bytes, "bytes_fetched": self.bytes_fetched,
                 "experts_per_layer": [len(ex.shard.expert_ids) for ex in self.exchanges]}
 
     def execute(self, chunks: list, node_has_work: bool):
@@ -143,9 +148,8 @@ class ShardRunner:
         return {"dispatch_s": t.dispatch, "compute_s": t.compute, "combine_s": t.combine, "calls": t.calls}
 
 
-def _load_shard(reader, cfg, dtype: str, expert_ids) -> nn.Module:
-    """serving.loader's procedure with a reader given (folder or S3): meta model, held experts only, fill."""
-    from serving.loader import _load_weights, resolve_dtype
+def _meta_model(cfg, expert_ids) -> nn.Module:
+    """The model on the meta device, holding in each MoE layer only the experts `expert_ids(layer)`."""
     from serving.model import RoutedExperts, Transformer
 
     with torch.device("meta"):
@@ -153,7 +157,39 @@ def _load_shard(reader, cfg, dtype: str, expert_ids) -> nn.Module:
         for i, layer in enumerate(model.layers):
             if layer.is_moe:
                 layer.feed_forward.experts = RoutedExperts(cfg, expert_ids(i))
-    model = model.to(resolve_dtype(dtype)).to_empty(device="cpu")
-    _load_weights(model, reader, cfg)
-    model.reset_buffers()
-    return model.eval().requires_grad_(False)
+    return model
+
+
+def _load_params(model: nn.Module, reader, cfg) -> None:
+    """Fill every parameter with only its share: held experts' rows, a TP shard's rows (or columns), the rest whole.
+
+    Row shards are read as row ranges (from S3: one byte range each); column shards read the tensor, then slice.
+    """
+    from llama4.checkpoint import CheckpointError
+    from serving.model import RoutedExperts
+
+    for name, param in model.named_parameters():
+        owner_name, _, _ = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        ckpt = name if name.startswith("lm_head.") else "model." + name
+        if ckpt == "lm_head.weight" and not reader.has(ckpt) and cfg.tie_word_embeddings:
+            ckpt = "model.embed_tokens.weight"
+        if not reader.has(ckpt):
+            raise CheckpointError(f"tensor {reader.full_name(ckpt)!r} is missing from {reader.path}; "
+                                  "is config.json the one that came with these weights?")
+        shard = getattr(owner, "tp_shard", None)
+        if isinstance(owner, RoutedExperts):
+            tensor = reader.get_rows(ckpt, owner.expert_ids)
+        elif shard is not None and shard[0] == 0:
+            n = param.shape[0]
+            tensor = reader.get_rows(ckpt, range(shard[1] * n, (shard[1] + 1) * n))
+        elif shard is not None:
+            n = param.shape[1]
+            tensor = reader.get(ckpt)[:, shard[1] * n:(shard[1] + 1) * n]
+        else:
+            tensor = reader.get(ckpt)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor {reader.full_name(ckpt)!r} gives shape {tuple(tensor.shape)} but this "
+                                  f"worker's shard of the model is {tuple(param.shape)}; config and weights disagree")
+        with torch.no_grad():
+            param.copy_(tensor)

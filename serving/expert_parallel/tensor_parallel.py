@@ -1,12 +1,13 @@
-"""Tensor parallelism within a node, applied to a loaded `serving.model.Transformer` (gpt-fast `tp.py` style).
+"""Tensor parallelism within a node, applied to a `serving.model.Transformer` from outside (gpt-fast `tp.py` style).
 
-After loading, each of a node's `tp` workers keeps only its share of the non-expert weights and the model gets
-the collectives it then needs, as forward hooks; model.py itself knows nothing about it.
+Each of a node's `tp` workers keeps only its share of the non-expert weights and the model gets the collectives
+it then needs, as forward hooks; model.py itself knows nothing about it. Applied to the model on the meta device
+before loading, it also tags each sharded Linear (`tp_shard = (dim, rank)`) so the loader reads only that share.
 - Attention: q/k/v projections keep this rank's heads (rows), o_proj the matching input columns; o_proj's
   partial output is all-reduced. Query head h reads kv head h // G, so contiguous head blocks stay aligned.
 - Dense MLP and shared expert: gate/up keep a block of the hidden units (rows), down the matching columns.
-- MoE layers: the shared expert's partial sum and this rank's slice of routed-expert output (see
-  executor_worker / exchange) are added first and all-reduced ONCE for the whole feed-forward block.
+- MoE layers: the shared expert's partial sum and this rank's slice of the routed-expert output
+  (shard_runner.ParallelExperts) are added first and all-reduced ONCE for the whole feed-forward block.
 - Router, norms, embeddings and lm_head stay whole (they are small next to the experts; lm_head is the
   biggest, sharding it by vocabulary is the next step for real Maverick).
 """
@@ -28,6 +29,7 @@ def _shard_rows(linear: nn.Linear, rank: int, tp: int) -> None:
     n = w.shape[0] // tp
     linear.weight = nn.Parameter(w[rank * n:(rank + 1) * n].clone(), requires_grad=False)
     linear.out_features = n
+    linear.tp_shard = (0, rank)  # the loader reads only these rows of the checkpoint tensor
 
 
 def _shard_cols(linear: nn.Linear, rank: int, tp: int) -> None:
@@ -36,6 +38,7 @@ def _shard_cols(linear: nn.Linear, rank: int, tp: int) -> None:
     n = w.shape[1] // tp
     linear.weight = nn.Parameter(w[:, rank * n:(rank + 1) * n].clone(), requires_grad=False)
     linear.in_features = n
+    linear.tp_shard = (1, rank)
 
 
 def _all_reduce_output(module: nn.Module, group) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from serving.engine import SamplingParams
 from serving.engine.executor import LocalExecutor, SeqChunk
@@ -59,6 +58,7 @@ def test_fp32_logits_within_1e4_of_single_process(ep_engine, reference_engine, p
 
 @pytest.mark.slow
 def test_each_worker_holds_its_share_of_routed_experts(ep_engine, maverick_tiny):
+    from llama4.checkpoint import CheckpointReader
     from llama4.config import TextConfig
 
     cfg = TextConfig.from_pretrained(maverick_tiny)
@@ -71,6 +71,15 @@ def test_each_worker_holds_its_share_of_routed_experts(ep_engine, maverick_tiny)
     copies = sum(len(ex.expert_placement.copies(layer, e)) for layer in cfg.moe_layers
                  for e in range(cfg.num_local_experts))
     assert sum(h["routed_expert_bytes"] for h in ex.worker_bytes) == per_expert * copies
+    # The rest: a whole copy per node, split over the node's workers (tensor parallel; norms, router,
+    # embeddings and lm_head stay whole on each).
+    reader = CheckpointReader(maverick_tiny)
+    rest = sum(reader.get(n).numel() * 4 for n in reader.names() if ".feed_forward.experts." not in n)
+    for held in ex.worker_bytes:
+        if ex.tp == 1:
+            assert held["other_bytes"] == rest
+        else:
+            assert rest / ex.tp < held["other_bytes"] < rest
 
 
 @pytest.mark.slow
