@@ -28,7 +28,10 @@ def test_killed_worker_fails_in_flight_requests_then_recovers(ep2_engine, prompt
         for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out.outputs[0]
-    assert time.monotonic() - t0 < 60  # the failed step, the rebuild and the reload: no collective timeout
+    # The failed step, new workers and the reload; a generous bound for a loaded 2-core host: it only has to
+    # show that nothing waits forever. That the death was seen at once, not after a collective timed out, is
+    # in the message: "died", not "did not answer within".
+    assert time.monotonic() - t0 < 180
     assert set(finished) == {"victim-a", "victim-b"}
     for out in finished.values():
         assert out.finish_reason == "error"
