@@ -79,8 +79,9 @@ def random_models(text: dict, device: str, dtype: str, max_seqs: int, max_len: i
 
     tdtype = resolve_dtype(dtype)
     cfg = TextConfig.from_dict(text)
-    with torch.device(device):
-        model = Transformer(cfg).to(tdtype)
+    with torch.device("meta"):  # materialise once, in the target dtype (a float32 copy would not fit the card)
+        model = Transformer(cfg)
+    model = model.to(tdtype).to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -94,8 +95,13 @@ def random_models(text: dict, device: str, dtype: str, max_seqs: int, max_len: i
                        AutoTokenizer.from_pretrained(str(tok_path)), cfg, max_model_len=max_len)
     hf = None
     if with_hf:
-        with torch.device(device):
-            hf = Llama4ForCausalLM(Llama4TextConfig(**text)).to(tdtype).eval()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(tdtype)  # build in the target dtype directly, for the same reason
+        try:
+            with torch.device(device):
+                hf = Llama4ForCausalLM(Llama4TextConfig(**text)).eval()
+        finally:
+            torch.set_default_dtype(default)
         from serving.loader import checkpoint_name
 
         state = {checkpoint_name(k): v for k, v in model.state_dict().items()}
