@@ -125,6 +125,8 @@ def model_deployment_options(a: ServeArgs) -> dict:
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": 5,
     }
+    if a.env_vars:  # expert-parallel workers, created by the replica, inherit its runtime_env
+        opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(a.env_vars)}
     if a.expert_parallel_size > 1:
         worker = {"CPU": a.worker_num_cpus}
         if a.worker_num_gpus:
@@ -135,7 +137,7 @@ def model_deployment_options(a: ServeArgs) -> dict:
             if a.nodes:  # pin rank r to the node holding its share (node-major ranks, as the group orders them)
                 b[a.nodes[rank // (a.expert_parallel_size // len(a.nodes))]] = 0.001
             bundles.append(b)
-        opts["ray_actor_options"] = {"num_cpus": a.replica_num_cpus}
+        opts["ray_actor_options"].pop("num_gpus")
         opts["placement_group_bundles"] = bundles
         opts["placement_group_strategy"] = "PACK"
     return opts
@@ -143,10 +145,13 @@ def model_deployment_options(a: ServeArgs) -> dict:
 
 def build_app(args: dict):
     """The Serve application for `serve deploy` / `serve.run`: `serving.app:build_app` with `args`."""
+    from herd.errors import UserError
     from serving.api.auth import load_api_keys
 
     a = parse_args(args)
     if a.max_model_len is None:
+        if a.model.startswith("s3://"):
+            raise UserError("serve args: set max_model_len for an s3:// model (its config is read by the replicas)")
         a = a.model_copy(update={"max_model_len": _checkpoint_context(a.model)})
     digests = load_api_keys(a.api_keys_file) if a.api_keys_file else {}
     plain = a.model_dump()

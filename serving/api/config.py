@@ -19,7 +19,12 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Checkpoint folder (Hugging Face layout) the engine loads.")
+    model: str = Field(description="Checkpoint folder (Hugging Face layout) the engine loads, or s3://bucket/prefix "
+                                    "(expert parallelism: workers fetch their experts by byte range).")
+    s3_endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (MinIO, Ceph) for s3:// models.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the model replicas and their "
+                                                                       "workers (not for secrets: prefer instance "
+                                                                       "roles or the Serve config's runtime_env).")
     served_model_name: Optional[str] = Field(None, description="Name clients put in `model` (default: the "
                                                                "checkpoint folder's name).")
     expert_parallel_size: int = Field(1, ge=1, le=4096, description="Ray workers the routed experts are split over "
@@ -55,6 +60,9 @@ class ServeArgs(BaseModel):
         ep, tp = self.expert_parallel_size, self.tensor_parallel_size
         if ep % tp:
             raise ValueError(f"expert_parallel_size ({ep}) must be a multiple of tensor_parallel_size ({tp})")
+        if self.model.startswith("s3://") and ep == 1:
+            raise ValueError("an s3:// model needs expert_parallel_size >= 2 (its workers read the weights from S3); "
+                             "with one worker, copy the checkpoint to a local folder")
         return self
 
     @property

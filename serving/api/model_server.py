@@ -250,4 +250,15 @@ def _build_engine(a):
             from cluster.placement import PlacementMap
 
             kwargs["placement"] = PlacementMap.load(a.placement_file)
-    return AsyncLLMEngine.from_pretrained(a.model, **kwargs)
+    path = a.model
+    if path.startswith("s3://"):
+        # The engine reads config and tokenizer from a folder; the workers read weights from S3 by byte range.
+        import tempfile
+
+        from serving.expert_parallel.s3 import S3Checkpoint
+
+        cache = os.path.join(tempfile.gettempdir(), "herd-s3")
+        meta = os.path.join(cache, "meta", path[len("s3://"):].replace("/", "_"))
+        path = str(S3Checkpoint(a.model, cache, endpoint_url=a.s3_endpoint_url).download_metadata(meta))
+        kwargs.update(weights=a.model, s3_endpoint_url=a.s3_endpoint_url, cache_dir=cache)
+    return AsyncLLMEngine.from_pretrained(path, **kwargs)
