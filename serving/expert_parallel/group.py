@@ -123,29 +123,42 @@ class ExpertParallelGroup:
     def gather(self, refs: list, ranks: list[int], timeout: float | None = None) -> list:
         """ray.get for many refs that fails as soon as ANY fails (peers of a dead worker may be blocked)."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         timeout = self.spec.collective_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         pending = dict(zip(refs, ranks))
         results = {}
         while pending:
-            left = deadline - time.monotonic()
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0))
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.monotonic(), 0))
             if not done:
                 stuck = sorted(pending.values())
                 raise WorkerDied(f"expert-parallel workers {stuck} did not answer within {timeout:.0f}s")
-            for ref in done:
-                rank = pending.pop(ref)
-                try:
-                    results[rank] = ray.get(ref)
-                except (RayActorError, GetTimeoutError) as err:
-                    raise WorkerDied(f"expert-parallel worker {rank} ({self._where(rank)}) died: "
-                                     f"{type(err).__name__}") from err
-                except RayTaskError as err:
-                    raise WorkerDied(f"expert-parallel worker {rank} ({self._where(rank)}) failed: "
-                                     f"{err.cause!r}") from err
+            ref = done[0]
+            rank = pending.pop(ref)
+            try:
+                results[rank] = ray.get(ref)
+            except Exception as err:
+                raise self._root_cause({rank: err}, pending) from err
         return [results[r] for r in ranks]
+
+    def _root_cause(self, errors: dict, pending: dict, grace_s: float = 2.0) -> WorkerDied:
+        """The error to report: a dead worker rather than the peers whose collectives broke because of it."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=grace_s) if pending else ([], [])
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as err:
+                errors[pending[ref]] = err
+        dead = sorted(r for r, e in errors.items() if isinstance(e, (RayActorError, GetTimeoutError)))
+        if dead:
+            return WorkerDied(f"expert-parallel worker {dead[0]} ({self._where(dead[0])}) died: "
+                              f"{type(errors[dead[0]]).__name__}")
+        rank = min(errors)
+        cause = getattr(errors[rank], "cause", errors[rank])
+        return WorkerDied(f"expert-parallel worker {rank} ({self._where(rank)}) failed: {cause!r}")
 
     def _where(self, rank: int) -> str:
         if rank < len(self.placement):
