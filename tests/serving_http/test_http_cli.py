@@ -32,6 +32,9 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, scout_tiny):
                        text=True, timeout=120)
     assert r.returncode == 2 and "shorter than 16 characters" in r.stderr and "short:" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    cluster = Path(__file__).resolve().parents[2] / "infra" / "clusters" / "scout-int4-1gpu.yaml"
+    r = subprocess.run(HERD + ["serve", str(cluster)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "int4" in r.stderr and "cannot serve it yet" in r.stderr
 
 
 @pytest.mark.slow
