@@ -22,6 +22,7 @@ KEY_HEX = "00112233445566778899aabbccddeeff"
 ALICE, BOB = "alice-zq9@example.com", "bob-zq9@example.com"
 
 
+@pytest.mark.slow
 def test_serve_refuses_bad_input_in_one_line(tmp_path, scout_tiny):
     r = subprocess.run(HERD + ["serve", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("herd: error: ") and "no such checkpoint" in r.stderr
