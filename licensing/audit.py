@@ -76,7 +76,7 @@ def _count_partition(group):
 
 
 def exact_counts(store, lo: int, hi: int, months: list[str], partition_bits: int = PARTITION_BITS,
-                 shuffle_partitions: int = 4, num_cpus: float = 0.25, shuffle: str = "sort") -> dict:
+                 shuffle_partitions: int = 4, num_cpus: float = 1.0, shuffle: str = "sort") -> dict:
     """Exact distinct users over days [lo, hi] (in `months`), through Ray Data on the current Ray cluster.
 
     2^partition_bits ID partitions are spread over `shuffle_partitions` reducers; raise both for big clusters.

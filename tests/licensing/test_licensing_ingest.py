@@ -7,7 +7,6 @@ from datetime import date
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from herd.cli import main as herd
 from licensing import ledger
