@@ -12,10 +12,7 @@ whole model copies, and the engine places its workers in that group.
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type of the route methods
 # (Serve rebuilds the ingress class, and string annotations then resolve to nothing, giving 422s).
 
-import asyncio
 import logging
-import os
-import time
 
 from fastapi import FastAPI, Request
 from ray import serve

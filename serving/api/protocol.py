@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.api.errors import ApiError, bad_request
+from serving.api.errors import bad_request
 
 MAX_STOP_SEQUENCES = 4
 ROLES = ("system", "developer", "user", "assistant")
