@@ -5,7 +5,7 @@ over the steps after warm-up; prints the 2-worker / 1-worker ratio.
 Part 2 (maverick-bench, ~219M parameters): peak and end-of-run RSS per worker with plain data parallel
 (DeepSpeed ZeRO stage 0, the DDP equivalent), ZeRO-2 and ZeRO-3 over 2 workers; prints each against stage 0.
 
-Runs on its own local Ray instance:  .venv/bin/python bench/finetune.py [--steps 12] [--skip-memory]
+Runs on its own local Ray instance:  .venv/bin/python bench/finetune.py [--steps 12] [--part throughput|memory]
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def tokens_per_s(metrics: dict, warmup: int = 2) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--part", choices=["all", "throughput", "memory"], default="all")
     args = ap.parse_args()
 
     import ray
@@ -80,13 +80,13 @@ def main() -> None:
     data = write_data(tmp / "data.jsonl", 64)
     tiny = create_checkpoint("maverick-tiny", tmp / "tiny", seed=0)
 
-    print(f"== throughput, maverick-tiny, global batch 8 x 128 tokens, {args.steps} steps (first 2 excluded)")
-    t1 = tokens_per_s(run_job(job("w1", tiny, data, tmp / "runs", 1, 2, args.steps, 8, 128)))
-    t2 = tokens_per_s(run_job(job("w2", tiny, data, tmp / "runs", 2, 2, args.steps, 4, 128)))
-    print(f"1 worker : {t1:8.0f} tokens/s (reference)")
-    print(f"2 workers: {t2:8.0f} tokens/s  ratio {t2 / t1:.2f}x")
-
-    if args.skip_memory:
+    if args.part in ("all", "throughput"):
+        print(f"== throughput, maverick-tiny, global batch 8 x 128 tokens, {args.steps} steps (first 2 excluded)")
+        t1 = tokens_per_s(run_job(job("w1", tiny, data, tmp / "runs", 1, 2, args.steps, 8, 128)))
+        t2 = tokens_per_s(run_job(job("w2", tiny, data, tmp / "runs", 2, 2, args.steps, 4, 128)))
+        print(f"1 worker : {t1:8.0f} tokens/s (reference)")
+        print(f"2 workers: {t2:8.0f} tokens/s  ratio {t2 / t1:.2f}x")
+    if args.part == "throughput":
         return
     t0 = time.time()
     bench = create_checkpoint("maverick-bench", tmp / "bench", seed=0)

@@ -27,7 +27,8 @@ def to_messages(row: dict) -> list[dict]:
     if messages is not None:
         msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
     elif row.get("prompt") is not None and row.get("completion") is not None:
-        msgs = [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row["completion"])}]
+        msgs = [{"role": "user", "content": str(row["prompt"])},
+                {"role": "assistant", "content": str(row["completion"])}]
     else:
         raise ValueError(f"row has neither 'messages' nor 'prompt'/'completion': keys {sorted(row)}")
     if not any(m["role"] == "assistant" for m in msgs):

@@ -31,10 +31,32 @@ def worker_env(job) -> dict[str, str]:
     return env
 
 
+def _trainer_class():
+    """Ray Train's TorchTrainer, minus Ray 2.60's placement-group cleaner.
+
+    The cleaner asks Ray's state API whether the run's controller is alive. With several Ray clusters on one
+    machine (shared dev boxes, parallel test sessions) the state API connects to the newest cluster, does not find
+    the controller there, and removes this run's placement group, killing healthy workers mid-step. Without the
+    cleaner, a crashed controller's placement group is still freed when the job's driver exits.
+    """
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # a Ray without the cleaner
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 def build_trainer(job):
     """The TorchTrainer for a job (not started)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from finetune.data import tokenized_dataset
     from finetune.storage import Credentials, filesystem
@@ -46,7 +68,7 @@ def build_trainer(job):
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, storage = filesystem(job.checkpoint.storage_path, job.s3)
     res = job.resources
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         # Credentials go pickled in the loop config (not the runtime env, which Ray shows in its dashboard).
         train_loop_config={"job": job.model_dump(mode="json"), "credentials": Credentials.from_env()},

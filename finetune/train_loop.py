@@ -77,12 +77,49 @@ def memory_per_rank() -> tuple[list[float], list[float]]:
     return [round(t[0].item(), 1) for t in out], [round(t[1].item(), 1) for t in out]
 
 
+def _examples(job, rank: int, world: int, eos_id: int) -> tuple[BatchOrder, int]:
+    """This rank's batch order (its share of the tokenised set) and the number of examples in the whole set."""
+    import ray.train
+
+    rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    examples = worker_share(rows, rank, world)
+    if job.dataset.packing:
+        examples = pack(examples, job.training.sequence_length, eos_id)
+    return BatchOrder(examples, job.training.batch_size, job.training.seed), len(rows)
+
+
+def _engine(job, model, total: int):
+    """DeepSpeed engine around the PEFT model, with torch's AdamW on the LoRA weights and the LR schedule."""
+    import deepspeed
+    import torch
+
+    tr = job.training
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr.learning_rate,
+                                  weight_decay=tr.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tr.schedule, tr.warmup_steps, total))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(job), dist_init_required=False)
+    return engine, scheduler
+
+
+def _optimizer_step(engine, order: BatchOrder, step: int, accumulation: int, pad_id: int) -> tuple[float, int]:
+    """One optimizer step (`accumulation` micro-batches); returns this rank's mean loss and its token count."""
+    loss_sum, tokens = 0.0, 0
+    for micro in range(accumulation):
+        batch = {k: v.to(engine.device) for k, v in collate(order.batch(step * accumulation + micro), pad_id).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the update at the accumulation boundary
+        loss_sum += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum / accumulation, tokens
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` = {"job": the job as a dict, "credentials": storage.Credentials}."""
     import torch
 
     torch.set_num_threads(1)  # more threads per worker ran slower on shared small machines
-    import deepspeed
     import ray.train
     import torch.distributed as dist
 
@@ -97,43 +134,24 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     base = fetch_dir(job.base_model, job.s3)
     tok = load_tokenizer(str(base))
-
-    rows = list(ray.train.get_dataset_shard("train").iter_rows())
-    examples = worker_share(rows, rank, world)
-    if job.dataset.packing:
-        examples = pack(examples, job.training.sequence_length, tok.eos_token_id)
-    order = BatchOrder(examples, job.training.batch_size, job.training.seed)
+    order, n_rows = _examples(job, rank, world, tok.eos_token_id)
     total = total_steps(job, order.batches_per_epoch)
-
     model = build_peft_model(base, job.lora, job.training.dtype, job.training.seed)
     if rank == 0:
-        print(f"[finetune] {trainable_summary(model)}; {len(rows)} examples, {world} workers, "
+        print(f"[finetune] {trainable_summary(model)}; {n_rows} examples, {world} workers, "
               f"ZeRO-{job.deepspeed.zero_stage}, {total} steps", flush=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=job.training.learning_rate,
-                                  weight_decay=job.training.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(job.training.schedule, job.training.warmup_steps, total))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(job), dist_init_required=False)
+    engine, scheduler = _engine(job, model, total)
     progress = restore(engine) or Progress()
     if rank == 0 and progress.resumed_at:
         print(f"[finetune] resumed from the checkpoint at step {progress.step}", flush=True)
 
-    ga, every = job.training.gradient_accumulation, job.checkpoint.every_steps
     started, done_here = time.time(), 0
     engine.train()
     while progress.step < total:
         t0 = time.time()
-        loss_sum, tokens = 0.0, 0
-        for micro in range(ga):
-            batch = collate(order.batch(progress.step * ga + micro), tok.pad_token_id)
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        stats = torch.tensor([loss_sum / ga, float(tokens)], dtype=torch.float64)
+        loss, tokens = _optimizer_step(engine, order, progress.step, job.training.gradient_accumulation,
+                                       tok.pad_token_id)
+        stats = torch.tensor([loss, float(tokens)], dtype=torch.float64)
         dist.all_reduce(stats)
         progress.step += 1
         done_here += 1
@@ -145,7 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(_progress_line(progress.step, total, mean_loss, all_tokens / max(seconds, 1e-9),
                                  time.time() - started, done_here), flush=True)
-        if progress.step % every == 0 or progress.step == total:
+        if progress.step % job.checkpoint.every_steps == 0 or progress.step == total:
             peak, now = memory_per_rank()
             progress.peak_rss_mb = [max(a, b) for a, b in zip(peak, progress.peak_rss_mb or peak)]
             progress.end_rss_mb = now

@@ -34,7 +34,7 @@ def _head_env() -> dict:
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(tmp_path):
     """A Ray head node with its job server on 127.0.0.1; yields the job server URL; stopped by PID."""
     env = _head_env()
     dash = free_port()
@@ -46,7 +46,8 @@ def ray_head():
            f"--metrics-export-port={free_port()}", f"--min-worker-port={worker_lo}",
            f"--max-worker-port={worker_lo + 99}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", "--num-cpus=3", "--disable-usage-stats"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     try:
         import httpx
@@ -58,7 +59,7 @@ def ray_head():
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None, "ray start exited early"
+            assert proc.poll() is None, "ray start exited early: " + (tmp_path / "ray-start.log").read_text()[-2000:]
             assert time.time() < deadline, "the Ray job server did not come up in 120 s"
             time.sleep(0.5)
         yield address
@@ -69,6 +70,7 @@ def ray_head():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def test_ray_job_submit_then_herd_resubmit_resumes(ray_head, maverick_tiny, tmp_path, monkeypatch, capsys):
@@ -81,7 +83,7 @@ def test_ray_job_submit_then_herd_resubmit_resumes(ray_head, maverick_tiny, tmp_
                         "--", "python", "-m", "finetune", str(job_file)],
                        env=_head_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-3000:]
+    assert r.returncode == 0, log[-3000:] + "\nray start said:\n" + (tmp_path / "ray-start.log").read_text()[-2000:]
     assert "succeeded" in log.lower(), log[-3000:]
     assert "[finetune] step 6/6 loss" in log and "tokens/s" in log and "eta" in log
     first = json.loads((storage / "submitted" / "output" / "metrics.json").read_text())
