@@ -3,9 +3,9 @@
 The sketches answer with ~0.8% standard error; when a figure's bounds straddle the threshold, or a reviewer wants
 proof, this counts exactly. It scales past one machine because no worker ever needs every ID: each event is
 assigned a partition from the top bits of its (keyed, so uniformly spread) hashed ID, Ray Data shuffles rows by
-partition, and each partition counts its own distinct IDs. Partitions hold disjoint ID sets, so the company figure is the plain sum.
-Per product and per affiliate figures come out of the same pass. The map side dedupes within each block and
-ships packed ID arrays per (partition, product, affiliate), so the shuffle moves few rows.
+partition, and each partition counts its own distinct IDs. Partitions hold disjoint ID sets, so the company
+figure is the plain sum. Per product and per affiliate figures come out of the same pass. The map side dedupes
+within each block and ships packed ID arrays per (partition, product, affiliate), so the shuffle moves few rows.
 """
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ def exact_counts(store, lo: int, hi: int, months: list[str], partition_bits: int
     strategies = {"sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED, "hash": ShuffleStrategy.HASH_SHUFFLE}
     ctx.shuffle_strategy = strategies[shuffle]
     try:
-        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus,
-                                   override_num_blocks=len(paths)).select_columns(["uid", "day", "product", "affiliate"])
+        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus, override_num_blocks=len(paths))
+        ds = ds.select_columns(["uid", "day", "product", "affiliate"])
         ds = ds.map_batches(_prepare, fn_kwargs={"lo": lo, "hi": hi, "bits": partition_bits},
                             batch_format="pyarrow", num_cpus=num_cpus)
         # map_groups sees all rows of one partition in one call, however large the partition grows.

@@ -70,7 +70,8 @@ def ingest(files: list[str] = typer.Argument(..., help="Parquet (*.parquet) or J
 @license_app.command("report")
 def report(release_date: Optional[str] = typer.Option(None, "--release-date", help="Llama release date, "
            "YYYY-MM-DD; the licence asks about the calendar month before it (default: today, i.e. last month)."),
-           as_of: Optional[str] = typer.Option(None, "--as-of", help="Day the running view ends (default: today, UTC)."),
+           as_of: Optional[str] = typer.Option(None, "--as-of",
+                                               help="Day the running view ends (default: today, UTC)."),
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
            plot: Optional[str] = typer.Option(None, "--plot", help="Also write the monthly trend chart to this PNG."),
            audit: bool = typer.Option(False, "--audit", help="Also count the asked month exactly with Ray Data "
