@@ -100,3 +100,35 @@ def test_ep2_engine_from_s3_fetches_only_each_workers_share(ep2_engine, maverick
         assert abs(own - expert_row_bytes * cfg.num_local_experts / 2) <= expert_row_bytes  # one expert per layer
     for later in ep2_engine.executor.load_history[1:]:  # rebuilds read the node-local cache
         assert [h["bytes_fetched"] for h in later] == [index_bytes] * 2
+
+
+def test_tensor_parallel_shard_loads_only_its_rows_from_s3(s3_ckpt, maverick_tiny, tmp_path):
+    """A TP worker's model is built sharded on the meta device and filled with just its rows (byte ranges)."""
+    from cluster.placement import PlacementMap
+    from llama4.config import TextConfig
+    from serving.expert_parallel.shard_runner import _load_params, _meta_model
+    from serving.expert_parallel.tensor_parallel import apply_tensor_parallel
+
+    url, endpoint = s3_ckpt
+    cfg = TextConfig.from_pretrained(maverick_tiny)
+    placement = PlacementMap.contiguous(list(cfg.moe_layers), cfg.num_local_experts, 2, nodes=1)
+    local = CheckpointReader(maverick_tiny)
+    fetched = {}
+    for tp, rank in ((1, 0), (2, 1)):
+        model = _meta_model(cfg, lambda layer: placement.experts_on(rank, layer))
+        apply_tensor_parallel(model, rank, tp, group=None)  # hooks only run in forward
+        model = model.to(torch.float32).to_empty(device="cpu")
+        reader = S3Checkpoint(url, cache_dir=tmp_path / f"tp{tp}", endpoint_url=endpoint)
+        _load_params(model, reader, cfg)
+        fetched[tp] = reader.bytes_fetched
+        attn = model.layers[0].self_attn
+        q = local.get("model.layers.0.self_attn.q_proj.weight").float()
+        o = local.get("model.layers.0.self_attn.o_proj.weight").float()
+        n = q.shape[0] // tp
+        assert torch.equal(attn.q_proj.weight, q[rank * n:(rank + 1) * n])
+        assert torch.equal(attn.o_proj.weight, o[:, rank * n:(rank + 1) * n])
+        experts = model.layers[1].feed_forward.experts
+        assert experts.expert_ids == list(range(64 * rank, 64 * rank + 64))
+        assert torch.equal(experts.down_proj, local.get_rows("model.layers.1.feed_forward.experts.down_proj",
+                                                             experts.expert_ids).float())
+    assert fetched[2] < fetched[1]  # rows of q/k/v/gate/up: half the bytes of the whole tensors
