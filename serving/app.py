@@ -40,7 +40,9 @@ async def _bad_method(request: Request, exc):
     return error_response(err)
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
+# Bounded at the proxy too: past 1000 in flight and 1000 queued per ingress replica, Serve's proxy answers 503.
+@serve.deployment(name="Ingress", max_ongoing_requests=1000, max_queued_requests=1000,
+                  ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(web)
 class Ingress:
     """The HTTP face: every route defers to `OpenAIServer`; the model is reached through a Serve handle."""
