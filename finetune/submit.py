@@ -1,31 +1,42 @@
 """Submit a job file to a Ray cluster through Ray's job SDK and follow its log (`herd finetune submit`).
 
-The job runs `python -m finetune job.yaml` on the cluster, as `ray job submit --working-dir` would. What travels:
-a working directory holding the validated job file and herd's packages (no tests, no caches), so the cluster
-needs the same Python dependencies installed but no copy of this repository. (One working directory rather than
-`py_modules` plus a working directory: with both, Ray 2.60 lost the working-directory package before Ray Data's
-tasks started.)
+The job runs `python -m finetune --job-from-env` on the cluster, with the validated job file's text in the job's
+environment (`HERD_FINETUNE_JOB`; job files hold no secrets). The cluster runs the herd installed on its nodes,
+as a Ray cluster image does. (Shipping the file in a runtime-env working directory was tried: on Ray 2.60 the
+working-directory package was intermittently gone from the GCS by the time Ray Data's tasks started.)
+To ship code as well, use `ray job submit --working-dir . -- python -m finetune JOB.yaml`.
 """
 from __future__ import annotations
 
 import asyncio
-import shutil
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from herd.errors import UserError
 
-PACKAGES = ("finetune", "licensing", "llama4", "herd")
-REPO = Path(__file__).resolve().parent.parent
+JOB_ENV = "HERD_FINETUNE_JOB"
+
+
+def _auth_headers() -> dict[str, str]:
+    """Ray's token-auth header when a token is configured (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
+
+    Sent explicitly because Ray decides once per process whether auth is on; a process that imported Ray before
+    RAY_AUTH_MODE=token was set would otherwise send no token. The token itself is never printed.
+    """
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=_auth_headers())
     except Exception as e:  # connection refused, bad URL, missing auth token: all fixable by the user
         raise UserError(f"cannot reach the Ray job server at {address}: {e}. Pass the dashboard URL "
                         "(e.g. --address http://HEAD:8265); with token auth, set RAY_AUTH_MODE=token", 1) from None
@@ -40,16 +51,12 @@ def submit(job_path: str | Path, address: str, follow: bool = True, out=sys.stdo
     except JobFileError as e:
         raise UserError(str(e)) from None
     client = _client(address)
-    with tempfile.TemporaryDirectory(prefix="herd-submit-") as tmp:
-        shutil.copy(job_path, Path(tmp) / "job.yaml")
-        for pkg in PACKAGES:
-            shutil.copytree(REPO / pkg, Path(tmp) / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        submission_id = client.submit_job(
-            entrypoint="python -m finetune job.yaml",
-            submission_id=f"finetune-{job.name}-{int(time.time())}",
-            runtime_env={"working_dir": tmp},
-            metadata={"herd": "finetune", "run": job.name},
-        )
+    submission_id = client.submit_job(
+        entrypoint="python -m finetune --job-from-env",
+        submission_id=f"finetune-{job.name}-{int(time.time())}",
+        runtime_env={"env_vars": {JOB_ENV: Path(job_path).read_text()}},
+        metadata={"herd": "finetune", "run": job.name},
+    )
     print(f"submitted {submission_id} to {address}", file=out, flush=True)
     if not follow:
         return submission_id, "PENDING"

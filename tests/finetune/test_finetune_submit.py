@@ -73,7 +73,7 @@ def ray_head(tmp_path):
         log.close()
 
 
-def test_ray_job_submit_then_herd_resubmit_resumes(ray_head, maverick_tiny, tmp_path, monkeypatch, capsys):
+def test_ray_job_submit_then_herd_resubmit_resumes(ray_head, maverick_tiny, tmp_path, capsys):
     rows = write_rows(tmp_path / "facts.jsonl")
     storage = tmp_path / "runs"
     job_file = tmp_path / "job.yaml"
@@ -92,7 +92,6 @@ def test_ray_job_submit_then_herd_resubmit_resumes(ray_head, maverick_tiny, tmp_
     # Same name, more steps, through herd's own submit command: picks up at step 6.
     job_file.write_text(yaml.safe_dump(job_dict("submitted", str(maverick_tiny), str(rows), str(storage),
                                                 steps=9, every=3)))
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     from herd.cli import main
 
     assert main(["finetune", "submit", str(job_file), "--address", ray_head]) == 0
