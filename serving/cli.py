@@ -96,4 +96,8 @@ def _join_or_start(ray, address: str) -> None:
             if address != "auto":
                 raise UserError(f"no Ray cluster at {address}; start one (`ray start --head`) or pass "
                                 "--ray-address local") from None
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+    try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+    except Exception as e:  # e.g. the raylet missed Ray's fixed 30 s startup window on an overloaded machine
+        raise UserError(f"could not start a local Ray cluster ({str(e).splitlines()[0][:200]}); retry, or start "
+                        "one with `ray start --head` and run herd serve again to join it", exit_code=1) from None

@@ -45,15 +45,22 @@ def test_herd_serve_end_to_end_counts_users_for_the_licence(tmp_path, scout_tiny
     port, store = free_port(), tmp_path / "licensing"
     env = {**os.environ, "HERD_LICENSING_KEY": KEY_HEX, "HERD_LICENSING_STORE": str(store),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    argv = HERD + ["serve", str(scout_tiny), "--port", str(port), "--ray-address", "local", "--api-keys-file",
+                   str(keys_file), "--max-model-len", "96", "--max-num-seqs", "2", "--served-model-name", "scout-tiny"]
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(HERD + ["serve", str(scout_tiny), "--port", str(port), "--ray-address", "local",
-                                    "--api-keys-file", str(keys_file), "--max-model-len", "96",
-                                    "--max-num-seqs", "2", "--served-model-name", "scout-tiny"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    retried = False
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 240
         while True:
+            if proc.poll() is not None and not retried and "could not start a local Ray cluster" in \
+                    Path(log.name).read_text():
+                # Ray gives a new node a fixed 30 s to register; on an overloaded CI box that can pass. herd
+                # says so in one line (checked here); the second try is the server under test.
+                retried = True
+                log = open(tmp_path / "serve-retry.log", "w+")
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             assert proc.poll() is None, Path(log.name).read_text()[-3000:]
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
