@@ -60,9 +60,6 @@ class ServeArgs(BaseModel):
         ep, tp = self.expert_parallel_size, self.tensor_parallel_size
         if ep % tp:
             raise ValueError(f"expert_parallel_size ({ep}) must be a multiple of tensor_parallel_size ({tp})")
-        if self.model.startswith("s3://") and ep == 1:
-            raise ValueError("an s3:// model needs expert_parallel_size >= 2 (its workers read the weights from S3); "
-                             "with one worker, copy the checkpoint to a local folder")
         return self
 
     @property

@@ -252,13 +252,18 @@ def _build_engine(a):
             kwargs["placement"] = PlacementMap.load(a.placement_file)
     path = a.model
     if path.startswith("s3://"):
-        # The engine reads config and tokenizer from a folder; the workers read weights from S3 by byte range.
+        # The engine reads config and tokenizer from a folder; expert-parallel workers read their weights from S3
+        # by byte range.
         import tempfile
 
         from serving.expert_parallel.s3 import S3Checkpoint
 
         cache = os.path.join(tempfile.gettempdir(), "herd-s3")
         meta = os.path.join(cache, "meta", path[len("s3://"):].replace("/", "_"))
-        path = str(S3Checkpoint(a.model, cache, endpoint_url=a.s3_endpoint_url).download_metadata(meta))
-        kwargs.update(weights=a.model, s3_endpoint_url=a.s3_endpoint_url, cache_dir=cache)
+        remote = S3Checkpoint(a.model, cache, endpoint_url=a.s3_endpoint_url)
+        if a.expert_parallel_size > 1 or a.tensor_parallel_size > 1:
+            path = str(remote.download_metadata(meta))
+            kwargs.update(weights=a.model, s3_endpoint_url=a.s3_endpoint_url, cache_dir=cache)
+        else:  # one worker reads every tensor: copy the checkpoint to the node once and load it from disk
+            path = str(remote.download_all(meta))
     return AsyncLLMEngine.from_pretrained(path, **kwargs)

@@ -129,6 +129,22 @@ class S3Checkpoint:
                     (dest / rel).write_bytes(self._read_object(rel))
         return dest
 
+    def download_all(self, dest: str | Path) -> Path:
+        """The whole checkpoint (metadata and every weight shard) as a local folder at `dest`; returns it.
+
+        For a single worker, which needs every tensor anyway: one plain GET per shard, written to a temporary
+        name and renamed, so a folder interrupted mid-download is completed by the next call, never half-read.
+        """
+        dest = self.download_metadata(dest)
+        for shard in sorted(set(self.weight_map.values())):
+            target = dest / shard
+            if target.exists():
+                continue
+            tmp = target.with_suffix(".partial")
+            tmp.write_bytes(self._read_object(shard))
+            tmp.replace(target)
+        return dest
+
     # ---- bytes ---------------------------------------------------------------------------------------------
     def _key(self, rel: str) -> str:
         return f"{self.prefix_key}/{rel}" if self.prefix_key else rel

@@ -132,3 +132,24 @@ def test_tensor_parallel_shard_loads_only_its_rows_from_s3(s3_ckpt, maverick_tin
         assert torch.equal(experts.down_proj, local.get_rows("model.layers.1.feed_forward.experts.down_proj",
                                                              experts.expert_ids).float())
     assert fetched[2] < fetched[1]  # rows of q/k/v/gate/up: half the bytes of the whole tensors
+
+
+def test_one_worker_downloads_the_whole_checkpoint_once_and_serves_it(s3_ckpt, maverick_tiny, tmp_path):
+    """EP=1 from s3://: the replica copies the checkpoint to its node, byte-identical, and answers as from disk."""
+    from serving.api.config import parse_args
+    from serving.engine import LLMEngine, SamplingParams
+
+    url, endpoint = s3_ckpt
+    assert parse_args({"model": url, "s3_endpoint_url": endpoint}).expert_parallel_size == 1
+    remote = S3Checkpoint(url, cache_dir=tmp_path / "c", endpoint_url=endpoint)
+    local = remote.download_all(tmp_path / "ckpt")
+    for f in maverick_tiny.iterdir():
+        assert (local / f.name).read_bytes() == f.read_bytes(), f.name
+    fetched = remote.bytes_fetched
+    remote.download_all(tmp_path / "ckpt")  # a second call (a restarted replica) fetches no weights again
+    metadata = sum(f.stat().st_size for f in local.iterdir() if f.suffix != ".safetensors")
+    assert remote.bytes_fetched - fetched == metadata
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    got = LLMEngine.from_pretrained(local).generate(["The capital of France is"], params)[0].outputs[0].token_ids
+    want = LLMEngine.from_pretrained(maverick_tiny).generate(["The capital of France is"], params)[0].outputs[0].token_ids
+    assert got == want
