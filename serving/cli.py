@@ -75,7 +75,9 @@ def run_blocking(args: dict, host: str, port: int, ray_address: str = "auto") ->
     except Exception as e:
         raise UserError(f"the model did not start: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}; "
                         "see the Ray logs (/tmp/ray/session_latest/logs/serve) for the cause", exit_code=1) from None
-    typer.echo(f"herd: serving at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops). Built with Llama.")
+    # Flushed at once: under a process manager stdout is a file or pipe, and Ray's shutdown may not flush it.
+    print(f"herd: serving at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops). Built with Llama.",
+          flush=True)
     try:
         import time
 
