@@ -62,11 +62,13 @@ def test_herd_serve_end_to_end_counts_users_for_the_licence(tmp_path, scout_tiny
                 log = open(tmp_path / "serve-retry.log", "w+")
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            # Ready means herd says so: the proxy can answer /health while serve.run still waits for the model.
+            if "herd: serving at" in Path(log.name).read_text():
+                try:
+                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
             assert time.time() < deadline, "herd serve did not come up"
             time.sleep(0.5)
         assert "Built with Llama" in httpx.get(f"{base}/").text
