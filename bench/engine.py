@@ -38,13 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------
 def cpu_checkpoint(args) -> Path:
     """The preset's checkpoint folder, created on first use (an ignored folder)."""
-    from llama4.checkpoint import create_checkpoint
+    from llama4.checkpoint import ensure_checkpoint
 
-    path = args.checkpoint or Path("checkpoints") / args.preset
-    if not (path / "config.json").exists():
-        print(f"creating {args.preset} checkpoint in {path} ...", flush=True)
-        create_checkpoint(args.preset, path, seed=0)
-    return path
+    return ensure_checkpoint(args.preset, args.checkpoint or Path("checkpoints") / args.preset)
 
 
 def herd_engine_from_checkpoint(path: Path, dtype: str, device: str, max_seqs: int, max_len: int):

@@ -27,12 +27,9 @@ sys.path.insert(0, str(REPO))
 
 def bench_checkpoint() -> Path:
     """maverick-bench, written once into .cache/bench (seeded: same bytes every time)."""
-    from llama4.checkpoint import create_checkpoint
+    from llama4.checkpoint import ensure_checkpoint
 
-    out = REPO / ".cache" / "bench" / "maverick-bench"
-    if not (out / "config.json").exists():
-        create_checkpoint("maverick-bench", out, seed=0, overwrite=True)
-    return out
+    return ensure_checkpoint("maverick-bench", REPO / ".cache" / "bench" / "maverick-bench")
 
 
 def decode_tokens_per_s(path: Path, ep: int, threads: int, seqs: int, max_tokens: int) -> tuple[float, float, list]:

@@ -67,13 +67,9 @@ class Sample:
 
 
 def checkpoint(args) -> Path:
-    from llama4.checkpoint import create_checkpoint
+    from llama4.checkpoint import ensure_checkpoint
 
-    path = args.checkpoint or Path("checkpoints") / args.preset
-    if not (path / "config.json").exists():
-        print(f"creating {args.preset} checkpoint in {path} ...", flush=True)
-        create_checkpoint(args.preset, path, seed=0)
-    return path
+    return ensure_checkpoint(args.preset, args.checkpoint or Path("checkpoints") / args.preset)
 
 
 def prompts(path: Path, n: int, length: int) -> list[list[int]]:

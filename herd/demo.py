@@ -29,13 +29,12 @@ def step(title: str) -> None:
 
 
 def make_checkpoint() -> None:
-    from llama4.checkpoint import CheckpointReader, create_checkpoint
+    from llama4.checkpoint import CheckpointReader, ensure_checkpoint
     from llama4.config import TextConfig
     from llama4.sizing import param_counts
 
     step(f"1. checkpoint: maverick-tiny in the released Llama 4 layout -> {CHECKPOINT}")
-    if not (CHECKPOINT / "model.safetensors.index.json").exists():
-        create_checkpoint("maverick-tiny", CHECKPOINT, seed=0, overwrite=True)
+    ensure_checkpoint("maverick-tiny", CHECKPOINT)
     cfg = TextConfig.from_pretrained(CHECKPOINT)
     counts = param_counts(cfg)
     shards = sorted(set(CheckpointReader(CHECKPOINT).weight_map.values()))

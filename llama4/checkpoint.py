@@ -197,6 +197,19 @@ def create_checkpoint(preset: str | Preset, out_dir: str | Path, seed: int = 0, 
     return out
 
 
+def ensure_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """The preset's checkpoint at `out_dir`, written only if no complete one is there (benchmarks, the demo).
+
+    Complete means the index exists: it is written after the weight shards, so a folder left half-written by an
+    interrupted run is written again.
+    """
+    out = Path(out_dir)
+    if not (out / INDEX_FILE).exists():
+        print(f"creating {preset} checkpoint in {out} ...", flush=True)
+        create_checkpoint(preset, out, seed=seed, overwrite=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------

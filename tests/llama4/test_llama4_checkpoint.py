@@ -176,3 +176,16 @@ def test_cli_creates_checkpoint_and_reports_bad_input_in_one_line(tmp_path, caps
     assert "planning only" in capsys.readouterr().err
     assert herd_main(["checkpoint", "create", "--preset", "maverick-tiny", str(tmp_path / "m")]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_ensure_checkpoint_writes_once_and_completes_a_half_written_folder(tmp_path):
+    from llama4.checkpoint import ensure_checkpoint
+
+    path = ensure_checkpoint("scout-tiny", tmp_path / "c")
+    before = _digest(path)
+    marker = path / "config.json"
+    mtime = marker.stat().st_mtime_ns
+    assert ensure_checkpoint("scout-tiny", path) == path and marker.stat().st_mtime_ns == mtime  # left alone
+    (path / "model.safetensors.index.json").unlink()  # as if interrupted before the index was written
+    ensure_checkpoint("scout-tiny", path)
+    assert _digest(path) == before
