@@ -60,6 +60,9 @@ class ServeArgs(BaseModel):
         ep, tp = self.expert_parallel_size, self.tensor_parallel_size
         if ep % tp:
             raise ValueError(f"expert_parallel_size ({ep}) must be a multiple of tensor_parallel_size ({tp})")
+        if ep > 1 and self.device == "cuda" and self.worker_num_gpus <= 0:
+            raise ValueError("device 'cuda' with expert_parallel_size > 1 runs the model on the workers: set "
+                             "worker_num_gpus (1: one GPU per worker)")
         return self
 
     @property

@@ -233,7 +233,12 @@ def _build_engine(a):
 
     from serving.engine import AsyncLLMEngine
 
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.device != "auto":
+        device = a.device
+    elif a.expert_parallel_size > 1:  # the replica itself holds no GPU; its workers do when given one
+        device = "cuda" if a.worker_num_gpus > 0 else "cpu"
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     kwargs = dict(dtype=dtype, device=device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                   expert_parallel_size=a.expert_parallel_size, tensor_parallel_size=a.tensor_parallel_size,

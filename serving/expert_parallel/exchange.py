@@ -80,7 +80,11 @@ class ExpertExchange:
 
     def __init__(self, shard: ExpertShard, route: LayerRoute, rank: int, group=None,
                  times: ExchangeTimes | None = None):
-        self.shard, self.route, self.rank, self.group = shard, route, rank, group
+        self.shard, self.rank, self.group = shard, rank, group
+        self.device = shard.gate_up_SDI2.device
+        # The routing tables index the (device) routing output, so they live where the experts do.
+        self.route = LayerRoute(route.owner_EC.to(self.device), route.slot_EC.to(self.device),
+                                route.num_copies_E.to(self.device), route.num_workers, route.max_slots)
         self.times = times if times is not None else ExchangeTimes()
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, scale_TK: torch.Tensor) -> torch.Tensor:
@@ -89,7 +93,8 @@ class ExpertExchange:
         T, K = topk_idx_TK.shape
         D = x_TD.shape[-1]
         W, S = self.route.num_workers, self.route.max_slots
-        token_A = torch.arange(T).repeat_interleave(K)
+        dev = x_TD.device
+        token_A = torch.arange(T, device=dev).repeat_interleave(K)
         expert_A = topk_idx_TK.reshape(-1).long()
         x_AD = x_TD[token_A] * scale_TK.reshape(-1, 1).to(x_TD.dtype)
         copy_A = token_A % self.route.num_copies_E[expert_A]  # spread a replicated expert's tokens over copies
@@ -103,14 +108,14 @@ class ExpertExchange:
         recv_RD = self._all_to_all(x_AD[order_A], recv_splits, send_splits)
         t1 = time.perf_counter()
 
-        slot_R = torch.arange(S).repeat(W).repeat_interleave(recv_counts_WS.reshape(-1))
+        slot_R = torch.arange(S, device=dev).repeat(W).repeat_interleave(recv_counts_WS.reshape(-1))
         y_RD = self._compute(recv_RD, slot_R)
         t2 = time.perf_counter()
 
         back_AD = self._all_to_all(y_RD, send_splits, recv_splits)
         y_AD = torch.empty_like(back_AD)
         y_AD[order_A] = back_AD
-        y_TD = torch.zeros(T, D, dtype=y_AD.dtype).index_add_(0, token_A, y_AD)
+        y_TD = torch.zeros(T, D, dtype=y_AD.dtype, device=dev).index_add_(0, token_A, y_AD)
         t3 = time.perf_counter()
         tm = self.times
         tm.dispatch += t1 - t0
@@ -135,12 +140,16 @@ class ExpertExchange:
         return y_RD
 
     def _all_to_all(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        """all_to_all_single along dim 0; half-precision rows travel as raw bytes (gloo lacks bf16/int16; exact)."""
+        """all_to_all_single along dim 0; half-precision rows travel as raw bytes (gloo lacks bf16/int16; exact).
+
+        On GPUs (NCCL) the tensors stay on the device; the split sizes are host lists, so the counts exchange
+        before the rows is the one device-to-host sync of each dispatch.
+        """
         import torch.distributed as dist
 
         wire = x.contiguous()
         if wire.dtype in (torch.bfloat16, torch.float16):
             wire = wire.view(torch.uint8)
-        out = torch.empty((sum(out_splits), *wire.shape[1:]), dtype=wire.dtype)
+        out = torch.empty((sum(out_splits), *wire.shape[1:]), dtype=wire.dtype, device=wire.device)
         dist.all_to_all_single(out, wire, out_splits, in_splits, group=self.group)
         return out.view(x.dtype) if out.dtype != x.dtype else out

@@ -52,9 +52,10 @@ class ParallelExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         if self.tp == 1:
             return self.exchange.forward(x_TD, topk_idx_TK, topk_weight_TK)
-        rows = torch.tensor_split(torch.arange(x_TD.shape[0]), self.tp)[self.tp_rank]
+        T = x_TD.shape[0]  # this rank's block of rows [a, b), as slices (no index tensor to move to the GPU)
+        a, b = (T * self.tp_rank) // self.tp, (T * (self.tp_rank + 1)) // self.tp
         y_TD = torch.zeros_like(x_TD)
-        y_TD[rows] = self.exchange.forward(x_TD[rows], topk_idx_TK[rows], topk_weight_TK[rows])
+        y_TD[a:b] = self.exchange.forward(x_TD[a:b], topk_idx_TK[a:b], topk_weight_TK[a:b])
         return y_TD
 
 
@@ -91,7 +92,7 @@ class ShardRunner:
         try:
             model = _meta_model(cfg, lambda layer: placement.experts_on(worker.rank, layer))
             apply_tensor_parallel(model, worker.tp_rank, worker.tp_size, worker.tp_group)  # shapes, hooks, tags
-            model = model.to(resolve_dtype(spec.dtype)).to_empty(device="cpu")
+            model = model.to(resolve_dtype(spec.dtype)).to_empty(device=worker.device)
             _load_params(model, reader, cfg)
             model.reset_buffers()
             model.eval().requires_grad_(False)
@@ -114,24 +115,29 @@ class ShardRunner:
         self.dtype = resolve_dtype(spec.dtype)
         plan = plan_kv_cache(cfg, spec.max_model_len, self.dtype, spec.slots_per_node)
         self.local = LocalExecutor(model, plan)
+        self.kv_bytes = sum(t.numel() * t.element_size() for layer in model.layers
+                            for t in (layer.self_attn.cache_k, layer.self_attn.cache_v))  # this worker's heads only
         self.k = cfg.num_experts_per_tok
 
     def held_bytes(self) -> dict:
         return {"rank": self.worker.rank, "node": self.worker.node, "routed_expert_bytes": self.routed_bytes,
-                "other_bytes": self.other_bytes, "bytes_fetched": self.bytes_fetched,
+                "other_bytes": self.other_bytes, "bytes_fetched": self.bytes_fetched, "kv_cache_bytes": self.kv_bytes,
+                "kv_slots": self.local.max_num_seqs, "device": str(self.worker.device),
                 "experts_per_layer": [len(ex.shard.expert_ids) for ex in self.exchanges]}
 
     def execute(self, chunks: list, node_has_work: bool):
         """Run the node's chunks (or an idle pass through every all-to-all); logits from the node's rank 0."""
         if not node_has_work:
-            D = self.model.cfg.hidden_size
+            D, dev = self.model.cfg.hidden_size, self.worker.device
             with torch.inference_mode():
                 for ex in self.exchanges:
-                    ex.forward(torch.empty(0, D, dtype=self.dtype), torch.empty(0, self.k, dtype=torch.long),
-                               torch.empty(0, self.k, dtype=self.dtype))
+                    ex.forward(torch.empty(0, D, dtype=self.dtype, device=dev),
+                               torch.empty(0, self.k, dtype=torch.long, device=dev),
+                               torch.empty(0, self.k, dtype=self.dtype, device=dev))
             return None
         logits = self.local.execute(chunks)
-        return logits if self.worker.tp_rank == 0 else None
+        # Only the node's first rank answers (every rank has the gathered logits); host memory for Ray's transfer.
+        return logits.cpu() if self.worker.tp_rank == 0 else None
 
     def free(self, seq_ids: list[int]) -> None:
         for s in seq_ids:
@@ -177,15 +183,13 @@ def _load_params(model: nn.Module, reader, cfg) -> None:
         if not reader.has(ckpt):
             raise CheckpointError(f"tensor {reader.full_name(ckpt)!r} is missing from {reader.path}; "
                                   "is config.json the one that came with these weights?")
-        shard = getattr(owner, "tp_shard", None)
+        shard = getattr(owner, "tp_shard", None)  # (dim, start, stop) of the checkpoint tensor, see tensor_parallel
         if isinstance(owner, RoutedExperts):
             tensor = reader.get_rows(ckpt, owner.expert_ids)
         elif shard is not None and shard[0] == 0:
-            n = param.shape[0]
-            tensor = reader.get_rows(ckpt, range(shard[1] * n, (shard[1] + 1) * n))
+            tensor = reader.get_rows(ckpt, range(shard[1], shard[2]))
         elif shard is not None:
-            n = param.shape[1]
-            tensor = reader.get(ckpt)[:, shard[1] * n:(shard[1] + 1) * n]
+            tensor = reader.get(ckpt)[:, shard[1]:shard[2]]
         else:
             tensor = reader.get(ckpt)
         if tuple(tensor.shape) != tuple(param.shape):

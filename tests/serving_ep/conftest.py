@@ -64,7 +64,8 @@ def ep2_engine(ray_cluster, s3_checkpoint, tmp_path_factory):
                                        expert_parallel_size=2, nodes=["node0", "node1"], num_cpus_per_worker=0.25,
                                        weights=url, s3_endpoint_url=endpoint,
                                        cache_dir=str(tmp_path_factory.mktemp("s3cache")),
-                                       worker_env={k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+                                       worker_env={k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+                                       counts_sync_interval_s=0)  # every step: the failure test counts exactly
     yield engine
     engine.shutdown()
 
@@ -73,15 +74,21 @@ def ep2_engine(ray_cluster, s3_checkpoint, tmp_path_factory):
 def ep4_engine(ray_cluster, maverick_tiny, tmp_path_factory):
     """EP=4: two simulated nodes with two workers each (tensor parallel within the node), from the folder, with
     a planner's placement file that gives experts 0 and 1 a second copy on the other node."""
+    import torch
+
     from cluster.placement import PlacementMap
     from llama4.config import TextConfig
     from serving.engine import LLMEngine
+    from serving.engine.kv_cache import plan_kv_cache
 
     cfg = TextConfig.from_pretrained(maverick_tiny)
     path = tmp_path_factory.mktemp("placement") / "placement.json"
     PlacementMap.contiguous(list(cfg.moe_layers), cfg.num_local_experts, 2, nodes=2, redundant=2).save(path)
+    # A per-worker KV budget of 1.5 full sequences: with tp=2 a worker holds half of each, so 3 per node.
+    per_seq = plan_kv_cache(cfg, 256, torch.float32, 1).bytes_per_sequence
     engine = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=256,
                                        expert_parallel_size=4, tensor_parallel_size=2, nodes=["node0", "node1"],
-                                       num_cpus_per_worker=0.25, placement=str(path))
+                                       num_cpus_per_worker=0.25, placement=str(path),
+                                       kv_cache_memory_bytes=1.5 * per_seq)
     yield engine
     engine.shutdown()

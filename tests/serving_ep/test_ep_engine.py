@@ -71,15 +71,15 @@ def test_each_worker_holds_its_share_of_routed_experts(ep_engine, maverick_tiny)
     copies = sum(len(ex.expert_placement.copies(layer, e)) for layer in cfg.moe_layers
                  for e in range(cfg.num_local_experts))
     assert sum(h["routed_expert_bytes"] for h in ex.worker_bytes) == per_expert * copies
-    # The rest: a whole copy per node, split over the node's workers (tensor parallel; norms, router,
-    # embeddings and lm_head stay whole on each).
+    # The rest: a whole copy per node, split over the node's workers (tensor parallel: attention, dense MLP,
+    # shared expert, and embeddings and lm_head by vocabulary); only norms and routers stay whole on each.
     reader = CheckpointReader(maverick_tiny)
-    rest = sum(reader.get(n).numel() * 4 for n in reader.names() if ".feed_forward.experts." not in n)
+    rest = [(n, reader.get(n).numel() * 4) for n in reader.names() if ".feed_forward.experts." not in n]
+    whole = sum(b for n, b in rest if "norm" in n or ".router." in n)
+    split = sum(b for n, b in rest) - whole
+    assert cfg.vocab_size % ex.tp == 0  # so every split tensor divides evenly and the sum is exact
     for held in ex.worker_bytes:
-        if ex.tp == 1:
-            assert held["other_bytes"] == rest
-        else:
-            assert rest / ex.tp < held["other_bytes"] < rest
+        assert held["other_bytes"] == whole + split // ex.tp
 
 
 @pytest.mark.slow
@@ -103,3 +103,21 @@ def test_routing_statistics_sum_over_nodes(ep_engine, maverick_tiny):
     grown = ep_engine.routed_token_counts() - before
     # Every layer routed each prompt token plus the 2 decoded tokens fed back, top-1.
     assert grown.sum(1).tolist() == [len(prompt) + 2] * cfg.num_moe_layers
+
+
+@pytest.mark.slow
+def test_kv_cache_budget_is_per_worker(ep4_engine, maverick_tiny):
+    """ep4_engine was given a per-worker budget of 1.5 full sequences: a worker holds half the KV heads (tp=2),
+    so 3 sequences fit per node, 6 in the replica, and each worker allocated exactly that."""
+    import torch
+
+    from llama4.config import TextConfig
+    from serving.engine.kv_cache import plan_kv_cache
+
+    cfg = TextConfig.from_pretrained(maverick_tiny)
+    per_seq = plan_kv_cache(cfg, 256, torch.float32, 1).bytes_per_sequence
+    ex = ep4_engine.executor
+    assert ex.max_num_seqs == 6 and ep4_engine.scheduler.max_num_seqs == 6
+    for held in ex.worker_bytes:
+        assert held["kv_slots"] == 3
+        assert held["kv_cache_bytes"] == 3 * per_seq / 2 <= 1.5 * per_seq

@@ -1,11 +1,12 @@
 """A worker killed mid-generation: the requests in flight end with a clear error, the group is rebuilt, the next
-request gets the right answer, and nothing waits on the dead worker."""
+request gets the right answer, routing statistics survive, and nothing waits on the dead worker."""
 from __future__ import annotations
 
 import time
 
 import pytest
 import ray
+import torch
 
 from serving.engine import SamplingParams
 
@@ -19,6 +20,7 @@ def test_killed_worker_fails_in_flight_requests_then_recovers(ep2_engine, prompt
     engine.add_request("victim-b", prompts[1], GREEDY)
     for _ in range(3):  # prefill and a couple of decode steps: both sequences are in flight
         engine.step()
+    counts_before = engine.routed_token_counts()
     old_pids = {p["pid"] for p in engine.executor.placement}
     ray.kill(engine.executor.group.workers[1], no_restart=True)
 
@@ -39,5 +41,9 @@ def test_killed_worker_fails_in_flight_requests_then_recovers(ep2_engine, prompt
 
     new_pids = {p["pid"] for p in engine.executor.placement}
     assert not new_pids & old_pids  # every worker was replaced, process groups formed afresh
+    # Routing statistics outlive the workers that counted them (the fixture syncs them every step).
+    assert torch.equal(engine.routed_token_counts(), counts_before)
     outs = engine.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == reference_tokens
+    fed = sum(len(engine.tokenizer.encode(p)) + GREEDY.max_tokens - 1 for p in prompts)  # last token isn't fed
+    assert (engine.routed_token_counts() - counts_before).sum(1).tolist() == [fed] * len(counts_before)
