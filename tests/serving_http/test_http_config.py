@@ -19,6 +19,9 @@ def test_build_app_args_are_a_closed_schema():
         parse_args({"model": "/ckpt", "max_num_seqs": 0})
     with pytest.raises(UserError, match=r"expert_parallel_size \(3\) must be a multiple of tensor_parallel_size"):
         parse_args({"model": "/ckpt", "expert_parallel_size": 3, "tensor_parallel_size": 2})
+    with pytest.raises(UserError, match="set worker_num_gpus"):  # else the GPU workers would get no GPU
+        parse_args({"model": "/ckpt", "expert_parallel_size": 2, "device": "cuda"})
+    assert parse_args({"model": "/ckpt", "expert_parallel_size": 2, "device": "cuda", "worker_num_gpus": 1})
 
 
 def test_api_keys_file(tmp_path):
