@@ -267,6 +267,13 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {full!r} is missing from {self.path}")
         return self._handle(self.weight_map[full]).get_tensor(full)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from its file's header (no data read)."""
+        full = self.full_name(name)
+        if full not in self.weight_map:
+            raise CheckpointError(f"tensor {full!r} is missing from {self.path}")
+        return tuple(self._handle(self.weight_map[full]).get_slice(full).get_shape())
+
     def get_rows(self, name: str, index: list[int] | range) -> torch.Tensor:
         """Rows `index` of the first dimension (e.g. some experts of a fused expert tensor), reading only those."""
         full = self.full_name(name)

@@ -100,6 +100,9 @@ class S3Checkpoint:
             raise CheckpointError(f"tensor {full!r} is missing from {self.url}")
         return self._header(self.weight_map[full])[full]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entry(name).shape)
+
     def get(self, name: str) -> torch.Tensor:
         """A whole tensor, fetching only its bytes."""
         e = self.entry(name)
