@@ -32,15 +32,20 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                expert_ids: Callable[[int], list[int]] | None = None,
-               cfg: TextConfig | None = None) -> Transformer:
+               cfg: TextConfig | None = None, lora_adapter: str | Path | None = None) -> Transformer:
     """Build the text model from a checkpoint folder.
 
     expert_ids: layer index -> the logical experts to hold in that MoE layer (default: all of them).
+    lora_adapter: a PEFT LoRA adapter folder, merged into the weights as they load (serving/lora.py).
     """
     path = Path(path)
     cfg = cfg or TextConfig.from_pretrained(path)
     torch_dtype = resolve_dtype(dtype)
     reader = CheckpointReader(path)
+    if lora_adapter is not None:
+        from serving.lora import LoraAdapter, MergedReader
+
+        reader = MergedReader(reader, LoraAdapter.load(lora_adapter))
     with torch.device("meta"):
         model = Transformer(cfg)
         if expert_ids is not None:
@@ -50,6 +55,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     model = model.to(torch_dtype).to_empty(device=device)
     try:
         _load_weights(model, reader, cfg)
+        if lora_adapter is not None:
+            reader.check_all_merged()
     finally:
         reader.close()
     model.reset_buffers()
