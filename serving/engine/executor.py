@@ -67,12 +67,12 @@ class LocalExecutor:
     @classmethod
     def from_pretrained(cls, path: str | Path, cfg: TextConfig | None = None, dtype: str = "float32",
                         device: str = "cpu", max_num_seqs: int = 32, max_model_len: int = 4096,
-                        kv_cache_memory_bytes: float | None = None) -> "LocalExecutor":
+                        kv_cache_memory_bytes: float | None = None, lora_adapter=None) -> "LocalExecutor":
         from serving.loader import load_model, resolve_dtype
 
         cfg = cfg or TextConfig.from_pretrained(path)
         plan = plan_kv_cache(cfg, max_model_len, resolve_dtype(dtype), max_num_seqs, kv_cache_memory_bytes)
-        return cls(load_model(path, dtype, device, cfg=cfg), plan)
+        return cls(load_model(path, dtype, device, cfg=cfg, lora_adapter=lora_adapter), plan)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         from serving.model import Batch

@@ -51,8 +51,12 @@ class LLMEngine:
                         max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                         kv_cache_memory_bytes: float | None = None, expert_parallel_size: int = 1,
                         tensor_parallel_size: int = 1, placement=None, placement_group=None, nodes=None,
-                        **executor_kwargs) -> "LLMEngine":
-        """Load a checkpoint folder (Hugging Face layout) and build the engine around it."""
+                        lora_adapter: str | Path | None = None, **executor_kwargs) -> "LLMEngine":
+        """Load a checkpoint folder (Hugging Face layout) and build the engine around it.
+
+        lora_adapter: a PEFT LoRA adapter folder (what `python -m finetune` writes), merged into the weights as
+        they load; with expert parallelism every worker reads it, so it must be on a path all nodes see.
+        """
         from transformers import AutoTokenizer
 
         path = Path(path)
@@ -65,13 +69,14 @@ class LLMEngine:
                 path, cfg, dtype=dtype, device=device, expert_parallel_size=expert_parallel_size,
                 tensor_parallel_size=tensor_parallel_size, placement=placement, placement_group=placement_group,
                 nodes=nodes, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                kv_cache_memory_bytes=kv_cache_memory_bytes, **executor_kwargs)
+                kv_cache_memory_bytes=kv_cache_memory_bytes, lora_adapter=lora_adapter, **executor_kwargs)
         else:
             from serving.engine.executor import LocalExecutor
 
             executor = LocalExecutor.from_pretrained(path, cfg, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                                                      max_model_len=max_model_len,
-                                                     kv_cache_memory_bytes=kv_cache_memory_bytes)
+                                                     kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                                     lora_adapter=lora_adapter)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         return cls(executor, tokenizer, cfg, max_model_len=max_model_len,
                    max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=generation_eos_ids(path, cfg))

@@ -171,7 +171,8 @@ def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", ex
                       weights: str | None = None, s3_endpoint_url: str | None = None, cache_dir: str | None = None,
                       num_cpus_per_worker: float = 0.5, num_gpus_per_worker: float | None = None,
                       num_threads_per_worker: int = 1, step_timeout_s: float = 60.0,
-                      worker_env: dict[str, str] | None = None, counts_sync_interval_s: float = 1.0) -> EPExecutor:
+                      worker_env: dict[str, str] | None = None, counts_sync_interval_s: float = 1.0,
+                      lora_adapter=None) -> EPExecutor:
     """Start the group on the running Ray cluster (or a local one) and load each worker's share.
 
     path: the checkpoint folder the engine reads config and tokenizer from; `weights` (default: path) is where
@@ -180,6 +181,7 @@ def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", ex
     device: "cpu" (gloo between workers) or "cuda" (one GPU per worker, NCCL; Ray picks each worker's GPU).
     kv_cache_memory_bytes: the KV-cache budget of EACH worker (each holds its node's cache for its 1/tp of the
     KV heads), as the cluster planner sizes it per GPU; the slots it holds cap max_num_seqs.
+    lora_adapter: a PEFT LoRA adapter folder every node can read; each worker merges its share as it loads.
     worker_env: environment variables for the workers (e.g. S3 credentials where nodes have no instance role;
     nothing is copied from the driver's environment implicitly).
     """
@@ -208,12 +210,18 @@ def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", ex
                      num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, placement_group=placement_group,
                      collective_timeout_s=step_timeout_s, env=dict(worker_env or {}))
     _check_gpus(spec)
+    if lora_adapter is not None:  # refuse a bad adapter here, not in every worker
+        from serving.lora import LoraAdapter
+
+        lora_adapter = str(Path(lora_adapter).resolve())
+        LoraAdapter.load(lora_adapter)
     placement = resolve_placement(placement, cfg, spec)
     raw_config = json.loads((Path(path) / "config.json").read_text())
     slots_per_node = node_slots(cfg, dtype, max_model_len, max_num_seqs, spec, kv_cache_memory_bytes)
     max_num_seqs = min(max_num_seqs, slots_per_node * spec.num_nodes)
     shard_spec = ShardSpec(str(weights or path), raw_config, dtype, placement.to_json(), slots_per_node,
-                           max_model_len, s3_endpoint_url, cache_dir or str(Path(tempfile.gettempdir()) / "herd-s3"))
+                           max_model_len, s3_endpoint_url, cache_dir or str(Path(tempfile.gettempdir()) / "herd-s3"),
+                           lora_adapter)
     group = ExpertParallelGroup(spec, EPWorker, {"num_threads": num_threads_per_worker, "device": device}).start()
     try:
         return EPExecutor(group, shard_spec, max_num_seqs, max_model_len, step_timeout_s=step_timeout_s,

@@ -34,6 +34,7 @@ class ShardSpec:
     max_model_len: int
     s3_endpoint_url: str | None = None
     cache_dir: str | None = None  # node-local cache for s3:// checkpoints (a per-node subfolder is used)
+    lora_adapter: str | None = None  # PEFT adapter folder merged as the shard loads (serving/lora.py)
 
 
 class ParallelExperts(nn.Module):
@@ -60,7 +61,17 @@ class ParallelExperts(nn.Module):
 
 
 def open_reader(spec: ShardSpec):
-    """A CheckpointReader for a folder, or an S3Checkpoint caching into this node's own subfolder."""
+    """A CheckpointReader for a folder, or an S3Checkpoint caching into this node's own subfolder; with an
+    adapter, wrapped so that every tensor read comes back merged."""
+    reader = _open_checkpoint(spec)
+    if spec.lora_adapter is None:
+        return reader
+    from serving.lora import LoraAdapter, MergedReader
+
+    return MergedReader(reader, LoraAdapter.load(spec.lora_adapter))
+
+
+def _open_checkpoint(spec: ShardSpec):
     if spec.path.startswith("s3://"):
         import ray
 
@@ -94,6 +105,8 @@ class ShardRunner:
             apply_tensor_parallel(model, worker.tp_rank, worker.tp_size, worker.tp_group)  # shapes, hooks, tags
             model = model.to(resolve_dtype(spec.dtype)).to_empty(device=worker.device)
             _load_params(model, reader, cfg)
+            if spec.lora_adapter is not None:
+                reader.check_all_merged()
             model.reset_buffers()
             model.eval().requires_grad_(False)
         finally:
