@@ -152,10 +152,26 @@ def build_app(args: dict):
         if a.model.startswith("s3://"):
             raise UserError("serve args: set max_model_len for an s3:// model (its config is read by the replicas)")
         a = a.model_copy(update={"max_model_len": _checkpoint_context(a.model)})
+    if a.lora_adapter:
+        _check_adapter(a)
     digests = load_api_keys(a.api_keys_file) if a.api_keys_file else {}
     plain = a.model_dump()
     model = ModelServer.options(**model_deployment_options(a)).bind(plain)
     return Ingress.options(ray_actor_options={"num_cpus": a.ingress_num_cpus}).bind(model, plain, digests)
+
+
+def _check_adapter(a) -> None:
+    """Refuse, before anything starts, an adapter herd cannot merge or a served name the licence forbids: a
+    fine-tuned Llama made available to users must be named "Llama..." (Llama 4 Community License, 1.b.i)."""
+    from herd.errors import UserError
+    from licensing import require_llama_prefix
+    from serving.lora import LoraAdapter, LoraError
+
+    try:
+        LoraAdapter.load(a.lora_adapter)
+    except LoraError as e:
+        raise UserError(f"serve args: lora_adapter: {e}") from None
+    require_llama_prefix(a.model_name, distributed=True)
 
 
 def _checkpoint_context(model: str) -> int:

@@ -29,6 +29,8 @@ def serve_command(
     max_num_seqs: Optional[int] = typer.Option(None, min=1, help="Sequences a replica runs at once."),
     max_model_len: Optional[int] = typer.Option(None, min=16, help="Longest prompt + completion, tokens."),
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use in `model`."),
+    lora_adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder to serve (merged at load), "
+                                                           "e.g. a fine-tune's output/adapter."),
     ray_address: str = typer.Option("auto", help="Ray cluster to join; 'auto' joins a running local one or starts "
                                                  "one on 127.0.0.1, 'local' always starts a fresh one."),
 ) -> None:
@@ -36,7 +38,8 @@ def serve_command(
     args, default_port = _args_for(target)
     overrides = {"expert_parallel_size": expert_parallel, "max_num_seqs": max_num_seqs,
                  "max_model_len": max_model_len, "served_model_name": served_model_name,
-                 "api_keys_file": str(api_keys_file) if api_keys_file else None}
+                 "api_keys_file": str(api_keys_file) if api_keys_file else None,
+                 "lora_adapter": str(lora_adapter.resolve()) if lora_adapter else None}
     args.update({k: v for k, v in overrides.items() if v is not None})
     run_blocking(args, host, port or default_port, ray_address)
 

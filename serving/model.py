@@ -61,6 +61,7 @@ class Batch:
     decode_pos_B: torch.Tensor
     decode_max_pos: int
     decode_max_ring: int  # max of position % chunk size
+    decode_slot_start: int | None  # first slot when the decode slots are consecutive (their cache is one slice)
     prefill: list[SeqSpan]
     single: SeqSpan | None = None  # the one sequence, when the batch holds just one (cache views, no gathers)
     chunk_size: int = 0
@@ -101,6 +102,8 @@ class Batch:
         prefill = [s for s in seq_spans if s.length > 1]
         as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
         all_decode = not prefill
+        decode_slots = [s.slot for s in decode]
+        consecutive = decode_slots == list(range(decode_slots[0], decode_slots[0] + len(decode))) if decode else False
         return cls(
             tokens_T=as_long(tokens),
             positions_T=as_long(positions),
@@ -108,10 +111,11 @@ class Batch:
             logits_idx_N=as_long(logits_idx),
             spans=seq_spans,
             decode_rows_B=None if all_decode else as_long([s.offset for s in decode]),
-            decode_slots_B=as_long([s.slot for s in decode]),
+            decode_slots_B=as_long(decode_slots),
             decode_pos_B=as_long([s.start_pos for s in decode]),
             decode_max_pos=max((s.start_pos for s in decode), default=-1),
             decode_max_ring=max((s.start_pos % chunk_size for s in decode), default=-1),
+            decode_slot_start=decode_slots[0] if consecutive else None,
             prefill=prefill,
             single=seq_spans[0] if len(seq_spans) == 1 else None,
             chunk_size=chunk_size,
@@ -261,8 +265,14 @@ class Attention(nn.Module):
             slot = batch.single.slot
             k_BHLX, v_BHLX = self.cache_k[slot:slot + 1, :, :length], self.cache_v[slot:slot + 1, :, :length]
         else:
-            k_BHLX = self.cache_k[:, :, :length][batch.decode_slots_B]
-            v_BHLX = self.cache_v[:, :, :length][batch.decode_slots_B]
+            # Consecutive slots (the usual case) read the cache in place; otherwise index_select, which copies
+            # these strided rows 3-4x faster than advanced indexing (measured at 32 sequences on CPU).
+            if batch.decode_slot_start is not None:
+                rows = slice(batch.decode_slot_start, batch.decode_slot_start + B)
+                k_BHLX, v_BHLX = self.cache_k[rows, :, :length], self.cache_v[rows, :, :length]
+            else:
+                k_BHLX = self.cache_k[:, :, :length].index_select(0, batch.decode_slots_B)
+                v_BHLX = self.cache_v[:, :, :length].index_select(0, batch.decode_slots_B)
             mask = batch.decode_mask(self.use_rope, length)
         q_BHGX = q_BHX.view(B, self.n_kv_heads, -1, self.head_dim)  # query head h = kv head h // G
         out = F.scaled_dot_product_attention(q_BHGX, k_BHLX.to(q_BHX.dtype), v_BHLX.to(q_BHX.dtype),
@@ -417,6 +427,23 @@ class Transformer(nn.Module):
             if isinstance(moe.experts, RoutedExperts):
                 moe.experts.local_of_global = moe.experts.local_of_global.to(device)
                 moe.experts.reset_buffers()
+
+    @torch.no_grad()
+    def optimize_for_inference(self) -> "Transformer":
+        """Re-lay weights for fast serving on CPU, once, after loading; names, shapes and values stay the same.
+
+        Every `nn.Linear` weight keeps its [out, in] shape but gets [in, out] storage (transposed strides), so
+        `F.linear` becomes a plain x @ W product: MKL ran 32-row products of these shapes 2.2x faster that way.
+        Measured on CPU only, so other devices are left alone. The routed experts keep the checkpoint's
+        [in, out] layout, already the fast one for their 1-2 row products. Expert and tensor parallelism
+        (serving/expert_parallel/) fill and shard parameters by name and do not call this.
+        """
+        if self.embed_tokens.weight.device.type != "cpu":
+            return self
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight.stride(-1) == 1:
+                module.weight.data = module.weight.data.t().contiguous().t()
+        return self
 
     def allocate_kv_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate every layer's cache: `max_len` positions on global layers, one chunk on RoPE layers."""

@@ -25,3 +25,28 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+
+
+LORA_TARGETS = (r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|feed_forward\.shared_expert\."
+                r"(gate_proj|up_proj|down_proj)|feed_forward\.(gate_proj|up_proj|down_proj))")
+
+
+def make_adapter(base_path, out, seed: int = 0, **overrides):
+    """A PEFT LoRA adapter on `base_path` (every target kind finetune/ uses, the fused routed experts included)
+    with random, non-zero factors, saved to `out` with `save_pretrained`; returns the PEFT model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.model import ROUTED_EXPERT_PARAMS, load_base
+
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none",
+                  task_type="CAUSAL_LM", target_parameters=list(ROUTED_EXPERT_PARAMS), init_lora_weights=False)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base(base_path), LoraConfig(**kwargs))
+    with torch.no_grad():  # PEFT's random init is small; scale B up so the adapter changes greedy tokens
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+    model.save_pretrained(out)
+    return model.eval()

@@ -26,7 +26,10 @@ class ServeArgs(BaseModel):
                                                                        "workers (not for secrets: prefer instance "
                                                                        "roles or the Serve config's runtime_env).")
     served_model_name: Optional[str] = Field(None, description="Name clients put in `model` (default: the "
-                                                               "checkpoint folder's name).")
+                                                               "checkpoint folder's name, or the adapter's).")
+    lora_adapter: Optional[str] = Field(None, description="PEFT LoRA adapter folder (finetune's output/adapter) "
+                                                          "merged into the weights at load; every replica and "
+                                                          "worker node must see the path.")
     expert_parallel_size: int = Field(1, ge=1, le=4096, description="Ray workers the routed experts are split over "
                                                                     "(1: the model runs inside the replica).")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="Workers per node sharing the dense weights.")
@@ -67,7 +70,22 @@ class ServeArgs(BaseModel):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model.rstrip("/")).name
+        if self.served_model_name:
+            return self.served_model_name
+        if self.lora_adapter:
+            return adapter_name(self.lora_adapter)
+        return Path(self.model.rstrip("/")).name
+
+
+def adapter_name(folder: str) -> str:
+    """The name finetune gave the adapter (its job's metrics.json, beside `adapter/`), else the folder's name."""
+    import json
+
+    path = Path(folder.rstrip("/"))
+    try:
+        return json.loads((path.parent / "metrics.json").read_text())["adapter_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return path.name
 
 
 def parse_args(args: dict) -> ServeArgs:

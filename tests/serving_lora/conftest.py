@@ -5,27 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-TARGETS = (r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|feed_forward\.shared_expert\."
-           r"(gate_proj|up_proj|down_proj)|feed_forward\.(gate_proj|up_proj|down_proj))")
-
-
-def make_adapter(base_path, out, seed: int = 0, **overrides):
-    """A PEFT LoRA adapter on `base_path` with random factors (B is not zero), saved to `out`; returns the model."""
-    from peft import LoraConfig, get_peft_model
-
-    from finetune.model import ROUTED_EXPERT_PARAMS, load_base
-
-    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM",
-                  target_parameters=list(ROUTED_EXPERT_PARAMS), init_lora_weights=False)
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = get_peft_model(load_base(base_path), LoraConfig(**kwargs))
-    with torch.no_grad():  # PEFT's random init is small; scale B up so the adapter changes greedy tokens
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(20.0)
-    model.save_pretrained(out)
-    return model.eval()
+from herd_testing import make_adapter
 
 
 @pytest.fixture(scope="package")
