@@ -36,6 +36,10 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, scout_tiny):
     cluster = Path(__file__).resolve().parents[2] / "infra" / "clusters" / "scout-int4-1gpu.yaml"
     r = subprocess.run(HERD + ["serve", str(cluster)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "int4" in r.stderr and "cannot serve it yet" in r.stderr
+    r = subprocess.run(HERD + ["serve", str(scout_tiny), "--lora-adapter", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "lora_adapter: " in r.stderr and "no adapter_config.json" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
