@@ -48,7 +48,7 @@ class ModelServer:
     # ---- serve hooks ---------------------------------------------------------------------------------------
     async def check_health(self) -> None:
         self._ensure_pusher()
-        err = getattr(self.engine, "_dead", None)  # set when the engine loop stopped for good
+        err = self.engine.dead_reason  # Serve replaces a replica whose health check raises
         if err is not None:
             raise RuntimeError(f"engine stopped: {err.__class__.__name__}")
 

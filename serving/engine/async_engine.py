@@ -45,6 +45,11 @@ class AsyncLLMEngine:
 
     # ---- the asyncio side ------------------------------------------------------------------------
     @property
+    def dead_reason(self) -> BaseException | None:
+        """Why the engine loop stopped for good (requests then fail with EngineDeadError); None while it runs."""
+        return self._dead
+
+    @property
     def tokenizer(self):
         return self.engine.tokenizer
 
