@@ -32,11 +32,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                expert_ids: Callable[[int], list[int]] | None = None,
-               cfg: TextConfig | None = None, lora_adapter: str | Path | None = None) -> Transformer:
+               cfg: TextConfig | None = None, lora_adapter: str | Path | None = None,
+               optimize: bool = True) -> Transformer:
     """Build the text model from a checkpoint folder.
 
     expert_ids: layer index -> the logical experts to hold in that MoE layer (default: all of them).
     lora_adapter: a PEFT LoRA adapter folder, merged into the weights as they load (serving/lora.py).
+    optimize: re-lay the weights for serving (`Transformer.optimize_for_inference`: same names, shapes, values).
     """
     path = Path(path)
     cfg = cfg or TextConfig.from_pretrained(path)
@@ -60,6 +62,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     finally:
         reader.close()
     model.reset_buffers()
+    if optimize:
+        model.optimize_for_inference()
     return model.eval().requires_grad_(False)
 
 
