@@ -7,6 +7,7 @@ the token uses) against a plain matrix-vector product's bandwidth measured in th
 
     python -m bench.engine                                   # CPU, maverick-bench (created in ./checkpoints/)
     python -m bench.engine --device cuda                     # GPU: bf16, a Maverick-shaped stack sized to the card
+    python -m bench.engine --micro                           # CPU: weight layouts for one MoE layer, 32 tokens
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best is kept)")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--micro", action="store_true", help="only the layout microbenchmark (maverick-bench shapes)")
     ap.add_argument("--gpu-layers", type=int, default=0, help="CUDA: layers of the Maverick-shaped stack (0: fit)")
     return ap.parse_args(argv)
 
@@ -203,9 +205,75 @@ def bytes_per_decode_step(cfg, dtype: torch.dtype) -> float:
     return (c.active - c.embed) * per
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Microbenchmark: the layouts behind Transformer.optimize_for_inference
+# ---------------------------------------------------------------------------------------------------------
+def _micro_time(fn, calls: int, rounds: int = 7) -> float:
+    """Best mean seconds per call over `rounds` of `calls` calls (best-of: the machine is shared)."""
+    for i in range(3):
+        fn(i)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def micro(layers: int = 4, tokens: int = 32) -> None:
+    """One MoE layer of maverick-bench shapes (128 experts, D 512, I 256), 32 tokens, top-1, and the 32-row
+    dense products, each in the stored layouts considered. Calls rotate over `layers` layers' weights and 8
+    routings, so experts come from memory as in a real decode step."""
+    import torch.nn.functional as F
+
+    E, D, I = 128, 512, 256
+    g = torch.Generator().manual_seed(0)
+    gate_up = [torch.randn(E, D, 2 * I, generator=g) for _ in range(layers)]  # checkpoint layout [E, in, out]
+    down = [torch.randn(E, I, D, generator=g) for _ in range(layers)]
+    strided = lambda w: w.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731  same shape, [out, in] storage
+    x_TD = torch.randn(tokens, D, generator=g)
+    routes = [torch.randint(0, E, (tokens,), generator=g) for _ in range(8)]
+
+    def loop(gu, dn, i):
+        local_A, token_A = torch.sort(routes[i % 8], stable=True)
+        x_AD = x_TD[token_A]
+        counts = torch.bincount(local_A, minlength=E)
+        experts = counts.nonzero().flatten().tolist()
+        y_AD, start = torch.empty_like(x_AD), 0
+        for e, n in zip(experts, counts[experts].tolist()):
+            gate, up = (x_AD[start:start + n] @ gu[i % layers][e]).chunk(2, dim=-1)
+            y_AD[start:start + n] = (up * F.silu(gate)) @ dn[i % layers][e]
+            start += n
+        return y_AD
+
+    def grouped(gu, dn, i):
+        local_A, token_A = torch.sort(routes[i % 8], stable=True)
+        offs = torch.bincount(local_A, minlength=E).cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(x_TD[token_A], gu[i % layers], offs=offs).chunk(2, dim=-1)
+        return F.grouped_mm(up * F.silu(gate), dn[i % layers], offs=offs)
+
+    gate_up_t, down_t = [strided(w) for w in gate_up], [strided(w) for w in down]
+    print(f"MoE layer, {tokens} tokens, top-1 ({routes[0].unique().numel()} experts used), "
+          f"{torch.get_num_threads()} threads:")
+    for name, fn in [("per-expert mm, checkpoint [in, out] layout", lambda i: loop(gate_up, down, i)),
+                     ("per-expert mm, transposed strides [out, in]", lambda i: loop(gate_up_t, down_t, i)),
+                     ("F.grouped_mm, [in, out]", lambda i: grouped(gate_up, down, i))]:
+        print(f"  {name:44s} {_micro_time(fn, 16) * 1e3:7.2f} ms")
+    print(f"dense products of {tokens} rows, F.linear with the weight stored [out, in] (nn.Linear) vs [in, out]:")
+    for d_in, d_out in [(512, 512), (512, 128), (512, 1024), (1024, 512), (512, 4096)]:
+        ws = [torch.randn(d_out, d_in, generator=g) for _ in range(layers)]
+        ws_t = [strided(w) for w in ws]
+        a = _micro_time(lambda i: F.linear(x_TD[:, :d_in] if d_in <= D else x_TD.repeat(1, 2), ws[i % layers]), 50)
+        b = _micro_time(lambda i: F.linear(x_TD[:, :d_in] if d_in <= D else x_TD.repeat(1, 2), ws_t[i % layers]), 50)
+        print(f"  [{d_out}, {d_in}]: [out, in] {a * 1e6:7.1f} us   [in, out] {b * 1e6:7.1f} us   {a / b:4.2f}x")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.micro:
+        return micro()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")
