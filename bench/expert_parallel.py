@@ -32,7 +32,8 @@ def bench_checkpoint() -> Path:
     return ensure_checkpoint("maverick-bench", REPO / ".cache" / "bench" / "maverick-bench")
 
 
-def decode_tokens_per_s(path: Path, ep: int, threads: int, seqs: int, max_tokens: int) -> tuple[float, float, list]:
+def decode_tokens_per_s(path: Path, ep: int, threads: int, seqs: int, max_tokens: int,
+                        device: str = "cpu") -> tuple[float, float, list]:
     """(generated tokens per wall second, per worker CPU second, the tokens) for one layout."""
     from llama4.config import TextConfig
     from serving.engine import SamplingParams
@@ -41,7 +42,7 @@ def decode_tokens_per_s(path: Path, ep: int, threads: int, seqs: int, max_tokens
     from transformers import AutoTokenizer
 
     cfg = TextConfig.from_pretrained(path)
-    ex = build_ep_executor(path, cfg, dtype="float32", expert_parallel_size=ep, max_num_seqs=seqs,
+    ex = build_ep_executor(path, cfg, dtype="float32", device=device, expert_parallel_size=ep, max_num_seqs=seqs,
                            max_model_len=512, num_cpus_per_worker=1.0 / ep, num_threads_per_worker=threads,
                            step_timeout_s=300)
     engine = LLMEngine(ex, AutoTokenizer.from_pretrained(str(path)), cfg, max_model_len=512,
@@ -135,6 +136,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="MoE-layer dtype (bf16 matmuls are emulated and slow on many CPUs)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="decode figure on GPUs (one per worker, NCCL; needs 2): EP=1 on one GPU vs EP=2 on two")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-layer", action="store_true")
     args = ap.parse_args()
@@ -143,17 +146,20 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2 if args.device == "cpu" else None, include_dashboard=False,
+             log_to_driver=False)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; CPU budget 2 cores for each configuration")
     if not args.skip_decode:
         path = bench_checkpoint()
         # EP=1 may use the whole budget as 2 threads or leave one idle: the faster of the two is the reference.
         # On a contended machine wall-clock rates mostly say how much CPU each layout won from the OS scheduler;
         # tokens per CPU-second (summed over the workers) is what each layout costs, whatever the contention.
-        r1a, c1a, tok1 = decode_tokens_per_s(path, 1, 1, args.seqs, args.max_tokens)
-        r1b, c1b, _ = decode_tokens_per_s(path, 1, 2, args.seqs, args.max_tokens)
-        r2, c2, tok2 = decode_tokens_per_s(path, 2, 1, args.seqs, args.max_tokens)
-        print(f"decode, maverick-bench, {args.seqs} seqs x {args.max_tokens} tokens, fp32:")
+        dev = args.device
+        r1a, c1a, tok1 = decode_tokens_per_s(path, 1, 1, args.seqs, args.max_tokens, dev)
+        r1b, c1b, _ = (r1a, c1a, tok1) if dev == "cuda" else decode_tokens_per_s(path, 1, 2, args.seqs,
+                                                                                  args.max_tokens)
+        r2, c2, tok2 = decode_tokens_per_s(path, 2, 1, args.seqs, args.max_tokens, dev)
+        print(f"decode, maverick-bench, {args.seqs} seqs x {args.max_tokens} tokens, fp32, {dev}:")
         for name, r, c in (("EP=1 (1 worker x 1 thread) ", r1a, c1a), ("EP=1 (1 worker x 2 threads)", r1b, c1b),
                            ("EP=2 (2 workers x 1 thread)", r2, c2)):
             print(f"  {name}: {r:7.1f} tok/s wall   {c:7.1f} tok per worker-CPU-second")
