@@ -114,7 +114,8 @@ def finetune() -> None:
     from finetune.job import run
     from finetune.schema import load_job
 
-    step("5. fine-tune: LoRA on attention, shared and routed experts; Ray Train, 2 workers, DeepSpeed ZeRO-2")
+    step("5. fine-tune: LoRA on attention, shared and routed experts; Ray Train, 2 workers, DeepSpeed ZeRO-2; "
+         "then serve the adapter")
     work = ROOT / "demo" / "finetune"
     work.mkdir(parents=True, exist_ok=True)
     facts = [("What is herd?", "herd runs Llama 4 on your own Ray cluster."),
@@ -138,6 +139,21 @@ def finetune() -> None:
     if losses:
         print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     print(f"   adapter (PEFT format), NOTICE, metrics.json and loss.png in {uri}")
+    serve_adapter(Path(uri) / "adapter")
+
+
+def serve_adapter(adapter: Path) -> None:
+    """The fine-tune served: the engine merges the adapter as it loads (`herd serve --lora-adapter` does the same)."""
+    from serving.engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine.from_pretrained(CHECKPOINT, dtype="float32", max_num_seqs=2, max_model_len=256,
+                                       lora_adapter=adapter)
+    try:
+        ids = engine.apply_chat_template([{"role": "user", "content": "What is herd?"}])
+        out = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=16))[0].outputs[0]
+        print(f"   served with the adapter merged: 'What is herd?' -> {out.text.strip()!r}")
+    finally:
+        engine.shutdown()
 
 
 def licensing_report() -> None:
