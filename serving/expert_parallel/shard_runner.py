@@ -108,6 +108,7 @@ class ShardRunner:
             if spec.lora_adapter is not None:
                 reader.check_all_merged()
             model.reset_buffers()
+            model.optimize_for_inference()  # the single-process engine's dense-weight layout (same values)
             model.eval().requires_grad_(False)
         finally:
             self.bytes_fetched = getattr(reader, "bytes_fetched", 0)
