@@ -8,7 +8,8 @@ prefill step with the single-process engine on the same checkpoint (a small one 
     python -m serving.expert_parallel.selfcheck --device cuda -n 16 --tensor-parallel-size 8 --address auto
     python -m serving.expert_parallel.selfcheck                      # CPU, EP=2, on a local Ray cluster
 
-The checkpoint must be readable on every node (a shared folder, or `--weights s3://...`). Prints one line per
+Without --checkpoint it writes the small one on every node (same seed, same bytes); a checkpoint you give must be
+readable on every node (a shared folder, or `--weights s3://...`). Prints one line per
 worker (node, device, bytes held) and a verdict; exit 0 when identical within --atol, 1 when not, 2 on bad
 arguments or a cluster that cannot hold the workers.
 """
@@ -47,6 +48,23 @@ def _run(engine, max_tokens: int) -> dict:
     return {"tokens": [o.outputs[0].token_ids for o in outs], "logits": logits}
 
 
+def _write_on_every_node(path: str) -> None:
+    """The default checkpoint at the same path on every node (it is seeded, so the bytes are the same): a cluster
+    needs no shared folder to run the check."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from llama4.checkpoint import ensure_checkpoint
+
+    def write(p: str) -> None:
+        ensure_checkpoint("maverick-tiny", p)
+
+    task = ray.remote(num_cpus=0)(write)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(path)
+             for n in nodes])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.expert_parallel.selfcheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="checkpoint folder (config and tokenizer; default: write maverick-tiny)")
@@ -75,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(address=a.address, log_to_driver=False)
     try:
+        if not a.checkpoint and not a.weights:
+            _write_on_every_node(path)
         gpus = ray.cluster_resources().get("GPU", 0)
         if a.device == "cuda" and gpus < a.expert_parallel_size:
             print(f"error: --device cuda with {a.expert_parallel_size} workers needs {a.expert_parallel_size} GPUs; "
