@@ -30,6 +30,7 @@ class Progress:
     tokens: int = 0
     peak_rss_mb: list[float] = field(default_factory=list)  # per rank, highest seen so far
     end_rss_mb: list[float] = field(default_factory=list)  # per rank, at the latest checkpoint
+    loaded_param_share: float | None = None  # rank 0's share of the parameters after loading (ZeRO-3: ~1/workers)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -66,6 +66,7 @@ def build_peft_model(path: str | Path, spec: LoraSpec, dtype: str = "float32", s
 
 def trainable_summary(model) -> str:
     """'trainable 123 / 4567 parameters (2.7%)' for the job log."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions: the full count)
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return f"trainable {trainable:,} / {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

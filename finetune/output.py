@@ -29,6 +29,7 @@ def metrics_document(job, progress: Progress) -> dict:
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "resumed_at": progress.resumed_at,
+        "loaded_param_share": progress.loaded_param_share,
         "peak_rss_mb": progress.peak_rss_mb,
         "end_rss_mb": progress.end_rss_mb,
         "history": progress.history,

@@ -35,6 +35,13 @@ def deepspeed_config(job) -> dict:
     }
 
 
+def loaded_share(model) -> float:
+    """Fraction of the model's parameters this rank holds after loading (1.0 unless ZeRO-3 partitioned them)."""
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    return held / max(full, 1)
+
+
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the peak learning rate at each optimizer step."""
     def f(step: int) -> float:
@@ -136,12 +143,21 @@ def train_loop_per_worker(config: dict) -> None:
     tok = load_tokenizer(str(base))
     order, n_rows = _examples(job, rank, world, tok.eos_token_id)
     total = total_steps(job, order.batches_per_epoch)
+    zero3_init = None
+    if job.deepspeed.zero_stage == 3:
+        # While this object lives, transformers builds the model inside deepspeed.zero.Init and loads each rank's
+        # partition only: no worker ever holds the whole base model (Maverick's 400B would not fit one).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_init = HfDeepSpeedConfig(deepspeed_config(job))
     model = build_peft_model(base, job.lora, job.training.dtype, job.training.seed)
+    share = loaded_share(model)
     if rank == 0:
         print(f"[finetune] {trainable_summary(model)}; {n_rows} examples, {world} workers, "
               f"ZeRO-{job.deepspeed.zero_stage}, {total} steps", flush=True)
     engine, scheduler = _engine(job, model, total)
     progress = restore(engine) or Progress()
+    progress.loaded_param_share = share
     if rank == 0 and progress.resumed_at:
         print(f"[finetune] resumed from the checkpoint at step {progress.step}", flush=True)
 
@@ -169,3 +185,4 @@ def train_loop_per_worker(config: dict) -> None:
             progress.end_rss_mb = now
             save(engine, model, progress, {"step": progress.step, "loss": mean_loss}, rank,
                  job.deepspeed.zero_stage)
+    del zero3_init  # kept alive until here: transformers reads the ZeRO-3 switch through a weak reference

@@ -110,6 +110,8 @@ def test_zero3_job_learns_the_same_curve(zero2_out, ray_cluster, s3_inputs, s3_s
     out = _run_s3_job("zero3", 3, s3_inputs, s3_server, s3_client, tmp_path_factory.mktemp("zero3"), parquet)
     m3, m2 = _metrics(out), _metrics(zero2_out)
     _assert_learned(m3)
+    # ZeRO-3 loaded the base model partitioned (deepspeed.zero.Init): each of the 2 workers held about half.
+    assert m2["loaded_param_share"] == 1.0 and 0.4 < m3["loaded_param_share"] < 0.6
     for h3, h2 in zip(m3["history"], m2["history"]):
         assert h3["loss"] == pytest.approx(h2["loss"], rel=2e-2, abs=2e-2), (h3, h2)
     tok = AutoTokenizer.from_pretrained(maverick_tiny)
