@@ -153,6 +153,7 @@ class EPExecutor:
         if seen:
             last = torch.stack(seen).sum(0)
             self._counts_carried = last if self._counts_carried is None else self._counts_carried + last
+            self._counts_seen = [None] * self.nodes  # carried once, even if the restart below fails and is retried
         self.group.restart()
         self._load()
 
