@@ -36,13 +36,14 @@ class LoraAdapter:
     """The factors of one adapter, keyed by the checkpoint tensor they modify (`model.layers.0.self_attn.q_proj.weight`,
     `model.layers.1.feed_forward.experts.gate_up_proj`)."""
 
-    def __init__(self, path: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[float, bool]]],
-                 experts: set[str], ranks: set[int] | None = None):
+    def __init__(self, path: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], experts: set[str],
+                 ranks: set[int], alpha: float, rslora: bool = False):
         self.path = Path(path)
+        self.alpha, self.rslora = alpha, rslora  # one scaling rule for every tensor (alpha_pattern is refused)
         # Ranks the config allows (r, and rank_pattern's): a fused expert tensor's A has r*E rows, and only a known
         # r tells an adapter for E experts from one for another expert count.
-        self.ranks = ranks or set()
-        self.factors = factors  # tensor name -> (A, B, (lora_alpha, use_rslora)); the rank comes from A's shape
+        self.ranks = ranks
+        self.factors = factors  # tensor name -> (lora_A, lora_B) in fp32; the rank comes from A's shape
         self.experts = experts  # names of fused routed-expert tensors (3-D, PEFT ParamWrapper layout)
 
     @classmethod
@@ -60,7 +61,6 @@ class LoraAdapter:
                                                              "only: re-save with safe_serialization=True)" if bins else ""))
         cfg = json.loads(cfg_path.read_text())
         _check_config(cfg, path)
-        alpha, rslora = float(cfg["lora_alpha"]), bool(cfg.get("use_rslora"))
         # PEFT nests one wrapper per target parameter of the same module, the first listed innermost; its keys
         # carry one `base_layer.` per wrapper around it.
         params = [p.rsplit(".", 1)[-1] for p in (cfg.get("target_parameters") or [])]
@@ -91,9 +91,9 @@ class LoraAdapter:
             A, B = ab["A"].float(), ab["B"].float()
             if A.shape[0] != B.shape[1]:
                 raise LoraError(f"{path}: {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} disagree on rank")
-            factors[name] = (A, B, (alpha, rslora))
+            factors[name] = (A, B)
         ranks = {int(cfg.get("r", 8)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())}
-        return cls(path, factors, experts, ranks)
+        return cls(path, factors, experts, ranks, float(cfg["lora_alpha"]), bool(cfg.get("use_rslora")))
 
     def targets(self, name: str) -> bool:
         return name in self.factors
@@ -101,7 +101,7 @@ class LoraAdapter:
     def delta(self, name: str, base_shape: tuple[int, ...], rows=None) -> torch.Tensor:
         """The fp32 update for checkpoint tensor `name` (full shape `base_shape`), for first-dimension `rows` only
         (some experts of a fused tensor, or some output features of a Linear) when given."""
-        A, B, (alpha, rslora) = self.factors[name]
+        A, B = self.factors[name]
         if name in self.experts:
             E, d_in, d_out = base_shape  # HF [E, in, out]; PEFT's A is [r*E, out], B is [in, r*E] for this layout
             if A.shape[0] % E or A.shape[0] // E not in self.ranks or A.shape[1] != d_out or B.shape[0] != d_in:
@@ -111,16 +111,15 @@ class LoraAdapter:
             ids = list(range(E)) if rows is None else list(rows)
             A_erO = A.view(E, r, d_out)[ids]  # expert e's rank rows
             B_Iers = B.view(d_in, r, E)[:, :, ids]  # column k*E + e of B
-            return torch.einsum("irE,Ero->Eio", B_Iers, A_erO) * _scale(alpha, r, rslora)
+            return torch.einsum("irE,Ero->Eio", B_Iers, A_erO) * self._scale(r)
         if len(base_shape) != 2 or A.shape[1] != base_shape[1] or B.shape[0] != base_shape[0]:
             raise LoraError(f"{self.path}: {name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the "
                             f"checkpoint's {tuple(base_shape)}; was the adapter trained on another model?")
         B_sel = B if rows is None else B[list(rows)]
-        return (B_sel @ A) * _scale(alpha, A.shape[0], rslora)
+        return (B_sel @ A) * self._scale(A.shape[0])
 
-
-def _scale(alpha: float, r: int, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
+    def _scale(self, r: int) -> float:
+        return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
 
 
 def _check_config(cfg: dict, path: Path) -> None:
