@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from herd.errors import UserError
+from common.errors import UserError
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,6 @@ the bad value and the fix, with "did you mean" for misspelt keys and names.
 """
 from __future__ import annotations
 
-import difflib
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,7 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.gpus import GIB, GPU_KINDS, GpuKind
-from herd.errors import UserError
+from common.errors import (ClusterFileError, describe_validation_error, did_you_mean, line_for, path_loc,
+                           yaml_key_lines)
 from llama4.config import TextConfig
 
 def _location(v: str | None) -> str | None:
@@ -35,10 +35,6 @@ def _location(v: str | None) -> str | None:
 Location = Annotated[str, AfterValidator(_location)]
 WeightDtype = Literal["bf16", "fp8", "int4", "fp32"]
 KVDtype = Literal["bf16", "fp8", "fp32"]
-
-
-class ClusterFileError(UserError):
-    """A mistake in a cluster file; the message is one line: file, YAML path, bad value, fix."""
 
 
 class _Closed(BaseModel):
@@ -224,7 +220,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ClusterFileError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-    return parse_cluster(raw, source=str(path), lines=_key_lines(text))
+    return parse_cluster(raw, source=str(path), lines=yaml_key_lines(text))
 
 
 def parse_cluster(raw: Any, source: str = "<cluster>", lines: dict[tuple, int] | None = None) -> ClusterSpec:
@@ -238,7 +234,7 @@ def parse_cluster(raw: Any, source: str = "<cluster>", lines: dict[tuple, int] |
         if not lines:
             raise
         msg = str(e)[len(source) + 2:]
-        line = _line_for(_path_loc(msg.split(":", 1)[0]), lines)
+        line = line_for(path_loc(msg.split(":", 1)[0]), lines)
         raise ClusterFileError(f"{source}:{line}: {msg}" if line else str(e)) from None
 
 
@@ -249,7 +245,7 @@ def _parse(raw: Any, source: str) -> ClusterSpec:
     try:
         spec = ClusterSpec.model_validate(raw)
     except ValidationError as e:
-        raise ClusterFileError(f"{source}: {_describe(e)}") from None
+        raise ClusterFileError(describe_validation_error(e, ClusterSpec, source)) from None
     serving = raw.get("serving") if isinstance(raw.get("serving"), dict) else {}
     if "max_context_len" not in serving:
         spec = _default_context(spec)
@@ -321,103 +317,3 @@ def _check_checkpoint_matches_preset(m: Model, cfg: TextConfig) -> None:
                 f"model.preset: {m.preset!r} has {field} {getattr(cfg, field)} but model.checkpoint "
                 f"{m.checkpoint!r} has {getattr(theirs, field)}; set model.preset to the checkpoint's shape or "
                 "remove it")
-
-
-# ---- error text --------------------------------------------------------------------------------------------
-
-def _key_lines(text: str) -> dict[tuple, int]:
-    """Line number (1-based) of every key and list item in a YAML document, by its path."""
-    import yaml
-
-    out: dict[tuple, int] = {}
-
-    def walk(node: Any, loc: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                out[loc + (k.value,)] = k.start_mark.line + 1
-                walk(v, loc + (k.value,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                out[loc + (i,)] = v.start_mark.line + 1
-                walk(v, loc + (i,))
-
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
-    return out
-
-
-def _path_loc(path: str) -> tuple:
-    """'node_groups[0].gpus_per_node' -> ('node_groups', 0, 'gpus_per_node')."""
-    import re
-
-    return tuple(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path))
-
-
-def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
-    """The line of the deepest part of `loc` the file has (a missing key: its section's line)."""
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return None
-
-
-def did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _yaml_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that holds the last key of `loc` (to list the keys valid there)."""
-    import typing
-
-    model: Any = ClusterSpec
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
-            return None
-        ann = model.model_fields[part].annotation
-        for arg in (ann, *typing.get_args(ann)):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                model = arg
-                break
-        else:
-            model = None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _describe(e: ValidationError) -> str:
-    """The first validation error as one line: YAML path, bad value, the fix."""
-    # A misspelt key shows up twice: as unknown, and the key it meant as missing. Report the misspelling.
-    errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
-    err = errs[0]
-    loc = tuple(err["loc"])
-    path = _yaml_path(loc)
-    more = f" ({len(errs) - 1} more problem{'s' if len(errs) > 2 else ''} after this one)" if len(errs) > 1 else ""
-    holder = _model_at(loc)
-    if err["type"] == "extra_forbidden":
-        valid = list(holder.model_fields) if holder else []
-        where = _yaml_path(loc[:-1]) or "the top level"
-        return (f"{path}: unknown key{did_you_mean(loc[-1], valid)}; valid keys in {where}: "
-                f"{', '.join(valid)}{more}")
-    if err["type"] == "missing":
-        desc = holder.model_fields[loc[-1]].description if holder and loc[-1] in holder.model_fields else ""
-        return f"{path}: missing; add it ({desc}){more}"
-    key_loc = loc
-    while key_loc and isinstance(key_loc[-1], int):  # an item of a list: describe the list's field
-        key_loc = key_loc[:-1]
-    key_holder = _model_at(key_loc) if key_loc else None
-    field = key_holder.model_fields.get(key_loc[-1]) if key_holder and key_loc else None
-    custom = err["type"] == "value_error"  # our validators' messages already carry the fix
-    hint = f"; set it to {field.description}" if field is not None and field.description and not custom else ""
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{path}: {err.get('input')!r} is not accepted: {msg}{hint}{more}"

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from finetune.job import default_environment
-    from finetune.schema import JobFileError, load_job, parse_job
+    from common.errors import UserError
+    from finetune.schema import load_job, parse_job
     from finetune.submit import JOB_ENV
 
     default_environment()  # before ray is imported: Ray reads some of it at import
@@ -28,18 +29,18 @@ def main(argv: list[str] | None = None) -> int:
             job = parse_job(yaml.safe_load(os.environ.get(JOB_ENV, "")), source=JOB_ENV)
         else:
             job = load_job(args[0])
-    except JobFileError as e:
+    except UserError as e:  # JobFileError, or the licence's naming rule
         print(f"finetune: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     import ray
 
     from finetune.job import preflight, run
 
     try:
         preflight(job)
-    except JobFileError as e:
+    except UserError as e:
         print(f"finetune: error: {args[0]}: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     ray.init(log_to_driver=True)
     run(job)
     return 0

@@ -21,14 +21,9 @@ def submit_cmd(
 @finetune_app.command("check")
 def check_cmd(job_file: str = typer.Argument(..., help="The job file (YAML).")) -> None:
     """Validate JOB_FILE (schema, bounds, licence naming rule) without running anything."""
-    from herd.errors import UserError
+    from finetune.schema import load_job
 
-    from finetune.schema import JobFileError, load_job
-
-    try:
-        job = load_job(job_file)
-    except JobFileError as e:
-        raise UserError(str(e)) from None
+    job = load_job(job_file)  # a JobFileError is a UserError: `herd` prints it as one line
     typer.echo(f"{job_file}: ok ({job.name}: ZeRO-{job.deepspeed.zero_stage}, {job.resources.workers} workers, "
                f"adapter {job.adapter.name})")
 

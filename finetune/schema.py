@@ -2,21 +2,17 @@
 
 `load_job(path)` reads the YAML (safe_load), rejects unknown keys with a "did you mean", checks bounds and the
 licence naming rule, and returns a `Job`. Every error is a `JobFileError` whose message names the YAML path of
-the bad field, the value, and the fix, so `python -m finetune` and `herd finetune submit` print one line.
+the bad field, the value, and the fix (a `UserError`, so `python -m finetune` and `herd finetune` print one line).
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-
-class JobFileError(ValueError):
-    """A mistake in a job file; the message names the field and the fix."""
+from common.errors import JobFileError, UserError, describe_validation_error, yaml_key_lines
 
 
 class _Closed(BaseModel):
@@ -169,50 +165,17 @@ class Job(_Closed):
 # ---------------------------------------------------------------------------------------------------------
 # Loading, with errors a user can act on
 # ---------------------------------------------------------------------------------------------------------
-def _model_at(loc: tuple, root: type[BaseModel] = Job) -> Optional[type[BaseModel]]:
-    """The pydantic model class that holds the field at `loc` (to list its known keys)."""
-    model: Any = root
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if model is None:
-            return None
-    return model
+def parse_job(data: Any, source: str = "job file", lines: dict[tuple, int] | None = None) -> Job:
+    """Validate already-parsed YAML; raise JobFileError naming the first problem (and counting the others).
 
-
-def _format_error(err: dict) -> str:
-    loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        known = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}? " if close else ""
-        return f"{path}: unknown key; {hint}known keys here: {', '.join(known)}"
-    if err["type"] == "missing":
-        parent = _model_at(loc[:-1])
-        field = parent.model_fields.get(str(loc[-1])) if parent else None
-        desc = f" ({field.description})" if field is not None and field.description else ""
-        return f"{path}: required{desc}; add it to the job file"
-    msg = err["msg"].removeprefix("Value error, ")
-    if "input" in err and not isinstance(err["input"], dict):
-        return f"{path}: {msg} (got {err['input']!r})"
-    return f"{path}: {msg}"
-
-
-def parse_job(data: Any, source: str = "job file") -> Job:
-    """Validate already-parsed YAML; raise JobFileError listing every problem."""
+    `lines` maps YAML paths to line numbers (`common.errors.yaml_key_lines`), so errors read `file:line: ...`.
+    """
     if not isinstance(data, dict):
         raise JobFileError(f"{source}: expected a mapping of keys (name:, base_model:, ...), got {type(data).__name__}")
     try:
         job = Job.model_validate(data)
     except ValidationError as e:
-        lines = [_format_error(err) for err in e.errors()]
-        raise JobFileError(f"{source}: " + "; ".join(lines)) from None
-    from herd.errors import UserError
+        raise JobFileError(describe_validation_error(e, Job, source=source, lines=lines)) from None
     from licensing import require_llama_prefix
 
     try:
@@ -227,8 +190,9 @@ def load_job(path: str | Path) -> Job:
     p = Path(path)
     if not p.is_file():
         raise JobFileError(f"job file {p} does not exist")
+    text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise JobFileError(f"{p}: not valid YAML: {e}") from None
-    return parse_job(data, source=str(p))
+    return parse_job(data, source=str(p), lines=yaml_key_lines(text))

@@ -11,11 +11,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from common.s3url import is_s3_url, parse_s3_url
 from finetune.schema import S3Settings
 
 
 def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+    return is_s3_url(uri)
 
 
 _CREDENTIAL_VARS = {"AWS_ACCESS_KEY_ID": "access_key", "AWS_SECRET_ACCESS_KEY": "secret_key",
@@ -54,7 +55,8 @@ def filesystem(uri: str, s3: S3Settings):
         if s3.endpoint_url:
             scheme, _, host = s3.endpoint_url.partition("://")
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
+        url = parse_s3_url(uri)
+        return pafs.S3FileSystem(**kwargs), f"{url.bucket}/{url.prefix}".rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from herd.errors import UserError
+from common.errors import UserError
 
 JOB_ENV = "HERD_FINETUNE_JOB"
 
@@ -44,12 +44,9 @@ def _client(address: str):
 
 def submit(job_path: str | Path, address: str, follow: bool = True, out=sys.stdout) -> tuple[str, str]:
     """Validate, submit, and (by default) stream the log until the job ends; returns (job id, final status)."""
-    from finetune.schema import JobFileError, load_job
+    from finetune.schema import load_job
 
-    try:
-        job = load_job(job_path)
-    except JobFileError as e:
-        raise UserError(str(e)) from None
+    job = load_job(job_path)  # a JobFileError is a UserError
     client = _client(address)
     submission_id = client.submit_job(
         entrypoint="python -m finetune --job-from-env",

@@ -1,9 +1,4 @@
-"""The one exception type for mistakes a user can fix; the CLI prints it as one line, never a traceback."""
+"""The command line's error type, which lives in `common.errors` so that every area can raise it."""
+from common.errors import UserError
 
-
-class UserError(Exception):
-    """A problem in what the user gave us (a file, a flag, a value), with the fix in the message."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
+__all__ = ["UserError"]

@@ -34,7 +34,7 @@ def _setup(config_path, store_uri):
 
 
 def _date(value: Optional[str], flag: str) -> Optional[date]:
-    from herd.errors import UserError
+    from common.errors import UserError
 
     if value is None:
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herd.errors import UserError
+from common.errors import UserError
 
 NOTICE_TEXT = ("Llama 4 is licensed under the Llama 4 Community License, "
                "Copyright © Meta Platforms, Inc. All Rights Reserved.")

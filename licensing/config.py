@@ -6,12 +6,11 @@ in the environment (or a secret manager feeding it) than in a file.
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from herd.errors import UserError
+from common.errors import LicensingConfigError, describe_validation_error, yaml_key_lines
 from licensing.sketch import DEFAULT_LG_K, MAX_LG_K, MIN_LG_K
 
 
@@ -55,27 +54,12 @@ class LicensingConfig(BaseModel):
         return sorted(set(v))
 
 
-def _did_you_mean(loc: tuple, model: type[BaseModel]) -> str:
-    fields = model.model_fields
-    for part in loc[:-1]:
-        ann = fields.get(part)
-        if ann is None or not isinstance(ann.annotation, type) or not issubclass(ann.annotation, BaseModel):
-            return ""
-        fields = ann.annotation.model_fields
-    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def parse_config(data: dict, where: str = "licensing config") -> LicensingConfig:
+def parse_config(data: dict, where: str = "licensing config", lines: dict[tuple, int] | None = None) -> LicensingConfig:
     """Validate a dict into a config, turning pydantic's errors into one line naming the field and the fix."""
     try:
         return LicensingConfig.model_validate(data or {})
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        if err["type"] == "extra_forbidden":
-            raise UserError(f"{where}: unknown key {field!r}{_did_you_mean(err['loc'], LicensingConfig)}") from None
-        raise UserError(f"{where}: {field}: {err['msg']} (got {err.get('input')!r})") from None
+        raise LicensingConfigError(describe_validation_error(e, LicensingConfig, source=where, lines=lines)) from None
 
 
 def load_config(path: str | Path | None = None) -> LicensingConfig:
@@ -86,8 +70,9 @@ def load_config(path: str | Path | None = None) -> LicensingConfig:
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {str(p)!r} not found")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise LicensingConfigError(f"config file {str(p)!r} not found")
+    text = p.read_text()
+    data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
-        raise UserError(f"{p}: expected a mapping of settings at the top level")
-    return parse_config(data, where=str(p))
+        raise LicensingConfigError(f"{p}: expected a mapping of settings at the top level")
+    return parse_config(data, where=str(p), lines=yaml_key_lines(text))

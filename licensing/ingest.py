@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from herd.errors import UserError
+from common.errors import UserError
 from licensing import ledger
 from licensing.config import Columns, LicensingConfig
 from licensing.keyed_hash import hash_ids, key_id

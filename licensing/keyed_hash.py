@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from herd.errors import UserError
+from common.errors import UserError
 
 KEY_ENV = "HERD_LICENSING_KEY"
 _MASK = (1 << 64) - 1

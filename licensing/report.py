@@ -87,7 +87,7 @@ def alert_level(figures: list[dict], levels: list[float]) -> float | None:
 def build_report(sketches: SketchSet, release_date: date, as_of: date, levels: list[float]) -> dict:
     """Everything `herd license report` shows, as plain data (the --json output)."""
     if release_date < date(1970, 2, 1):
-        from herd.errors import UserError
+        from common.errors import UserError
 
         raise UserError(f"release date {release_date} is before any possible data")
     asked = month_add(month_of(release_date), -1)

@@ -76,13 +76,9 @@ class S3Store:
     """An `s3://bucket/prefix`, through boto3; PutObject with If-None-Match keeps objects append-only."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
-        rest = uri[len("s3://"):]
-        self.bucket, _, prefix = rest.partition("/")
-        if not self.bucket:
-            from herd.errors import UserError
+        from common.s3url import parse_s3_url
 
-            raise UserError(f"store {uri!r} has no bucket; write it as s3://BUCKET/PREFIX")
-        self.prefix = prefix.strip("/")
+        self.bucket, self.prefix = parse_s3_url(uri, field="store")
         self.uri = uri
         self.endpoint_url = s3_endpoint(endpoint_url)
         self._client = None
@@ -151,7 +147,7 @@ def open_store(uri: str | None = None, endpoint_url: str | None = None):
     if uri.startswith("s3://"):
         return S3Store(uri, endpoint_url)
     if "://" in uri:
-        from herd.errors import UserError
+        from common.errors import UserError
 
         raise UserError(f"store {uri!r}: only a local directory or s3://bucket/prefix is supported")
     return LocalStore(uri)

@@ -20,16 +20,13 @@ from typing import Iterator
 
 import torch
 
+from common.errors import CheckpointError
 from llama4.presets import Preset, get_preset
 from llama4.tokenizer import (EOM, EOS_TEXT, EOT, IMAGE, IMAGE_END, IMAGE_START, PAD, BOS, train_tokenizer,
                               write_tokenizer_files)
 
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that herd cannot (or will not) load; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------------

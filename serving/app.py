@@ -144,7 +144,7 @@ def model_deployment_options(a: ServeArgs) -> dict:
 
 def build_app(args: dict):
     """The Serve application for `serve deploy` / `serve.run`: `serving.app:build_app` with `args`."""
-    from herd.errors import UserError
+    from common.errors import UserError
     from serving.api.auth import load_api_keys
 
     a = parse_args(args)
@@ -163,7 +163,7 @@ def build_app(args: dict):
 def _check_adapter(a) -> None:
     """Refuse, before anything starts, an adapter herd cannot merge or a served name the licence forbids: a
     fine-tuned Llama made available to users must be named "Llama..." (Llama 4 Community License, 1.b.i)."""
-    from herd.errors import UserError
+    from common.errors import UserError
     from licensing import require_llama_prefix
     from serving.lora import LoraAdapter, LoraError
 
@@ -179,7 +179,7 @@ def _checkpoint_context(model: str) -> int:
     import json
     from pathlib import Path
 
-    from herd.errors import UserError
+    from common.errors import UserError
 
     cfg_path = Path(model) / "config.json"
     try:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from herd.errors import UserError
+from common.errors import UserError
 
 
 def register(app: typer.Typer) -> None:

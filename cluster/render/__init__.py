@@ -16,7 +16,7 @@ def render(spec: ClusterSpec, target: str, source: str, job: str | None = None) 
     """Render and validate one target; raises `UserError` when the cluster cannot have this target."""
     from cluster.render import kuberay, ray_cluster, serve
     from cluster.render.common import dump
-    from herd.errors import UserError
+    from common.errors import UserError
 
     if target == "ray-cluster":
         doc = ray_cluster.ray_cluster_config(spec)

@@ -10,7 +10,7 @@ from typing import Any
 
 from cluster.render.common import env_vars
 from cluster.schema import ClusterSpec
-from herd.errors import UserError
+from common.errors import UserError
 
 
 def ray_cluster_config(spec: ClusterSpec) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from cluster.render.common import env_vars
 from cluster.schema import ClusterSpec
-from herd.errors import UserError
+from common.errors import UserError
 
 IMPORT_PATH = "serving.app:build_app"
 SERVABLE_DTYPES = ("bf16", "fp32")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from herd.errors import UserError
+from common.errors import UserError
 from serving.api.errors import ApiError
 
 MIN_KEY_CHARS = 16

@@ -5,13 +5,12 @@ flags; a typo such as `max_num_seq` is rejected with a "did you mean" before any
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from herd.errors import UserError
+from common.errors import ServeConfigError, describe_validation_error
 
 
 class ServeArgs(BaseModel):
@@ -60,13 +59,22 @@ class ServeArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
-        ep, tp = self.expert_parallel_size, self.tensor_parallel_size
-        if ep % tp:
-            raise ValueError(f"expert_parallel_size ({ep}) must be a multiple of tensor_parallel_size ({tp})")
-        if ep > 1 and self.device == "cuda" and self.worker_num_gpus <= 0:
+        from serving.config import check_layout
+
+        check_layout(self.expert_parallel_size, self.tensor_parallel_size,
+                     num_nodes_listed=len(self.nodes) if self.nodes else None, redundant_experts=None)
+        if self.expert_parallel_size > 1 and self.device == "cuda" and self.worker_num_gpus <= 0:
             raise ValueError("device 'cuda' with expert_parallel_size > 1 runs the model on the workers: set "
                              "worker_num_gpus (1: one GPU per worker)")
         return self
+
+    def parallel_config(self):
+        """The engine's `serving.config.ParallelConfig` for these args (what the replicas will build)."""
+        from serving.config import ParallelConfig
+
+        return ParallelConfig(self.expert_parallel_size, self.tensor_parallel_size,
+                              tuple(self.nodes) if self.nodes else None, placement=self.placement_file,
+                              num_cpus_per_worker=self.worker_num_cpus, num_gpus_per_worker=self.worker_num_gpus)
 
     @property
     def model_name(self) -> str:
@@ -89,14 +97,9 @@ def adapter_name(folder: str) -> str:
 
 
 def parse_args(args: dict) -> ServeArgs:
-    """Validate `build_app` arguments; a UserError names the key and suggests the closest known one."""
+    """Validate `build_app` arguments; a `ServeConfigError` names the key, the value and the fix, and suggests
+    the closest known key for a misspelt one."""
     try:
         return ServeArgs.model_validate(args or {})
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, list(ServeArgs.model_fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(ServeArgs.model_fields)}"
-            raise UserError(f"serve args: unknown key '{key}'{hint}") from None
-        raise UserError(f"serve args: {key or 'args'}: {err['msg']}") from None
+        raise ServeConfigError(describe_validation_error(e, ServeArgs, source="serve args")) from None

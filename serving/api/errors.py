@@ -5,8 +5,9 @@ Every failure a client can see goes through `ApiError`, so the shape is the same
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
+
+from common.errors import closest, field_path, first_error
 
 # What OpenAI's clients expect in `type` for each status (the openai package maps status -> exception class).
 _TYPES = {
@@ -63,29 +64,18 @@ def internal_error(request_id: str) -> ApiError:
                     code="internal_error")
 
 
-def param_path(loc: tuple) -> str:
-    """pydantic's location tuple as the field path a user reads: ('messages', 0, 'role') -> 'messages[0].role'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
 def from_validation_error(exc, known_fields: dict[str, list[str]] | None = None) -> ApiError:
-    """The first pydantic error as a 400 naming the field; unknown keys get a "did you mean"."""
-    err = exc.errors()[0]
-    # Skip pydantic's union-branch names (e.g. 'str', 'list[int]', function-after[...]) in the location.
-    loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_branch_tag(str(p)))
-    param = param_path(loc) or None
+    """A pydantic error as a 400 naming the field; unknown keys get a "did you mean".
+
+    The error chosen, its path and the suggestion come from `common.errors`, as in every other herd message;
+    only the wording follows OpenAI's (`param`, `code`).
+    """
+    err, loc, _ = first_error(exc)
+    param = field_path(loc) or None
     msg = err["msg"]
     if err["type"] == "extra_forbidden" and loc:
-        field = str(loc[-1])
-        siblings = (known_fields or {}).get(param_path(loc[:-1]), [])
-        close = difflib.get_close_matches(field, siblings, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else "; remove it"
+        best = closest(loc[-1], (known_fields or {}).get(field_path(loc[:-1]), []))
+        hint = f"; did you mean '{best}'?" if best is not None else "; remove it"
         return bad_request(f"Unknown field '{param}'{hint}", param=param, code="unknown_field")
     if err["type"] == "missing":
         return bad_request(f"Missing required field '{param}'.", param=param, code="missing_field")
@@ -94,8 +84,3 @@ def from_validation_error(exc, known_fields: dict[str, list[str]] | None = None)
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return bad_request(f"Invalid value for '{param}': {msg} (got {shown}).", param=param, code="invalid_value")
-
-
-def _is_branch_tag(part: str) -> bool:
-    return part in {"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]", "dict"} \
-        or "[" in part and not part.startswith("[") or part.startswith(("function-", "tagged-union"))

@@ -35,13 +35,11 @@ _METADATA_SUFFIXES = (".json", ".jinja", ".model", ".txt")
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix") with no trailing slash."""
-    if not url.startswith("s3://"):
-        raise ValueError(f"checkpoint path {url!r} is not an s3:// URL (expected s3://bucket/prefix)")
-    bucket, _, prefix = url[len("s3://"):].partition("/")
-    if not bucket:
-        raise ValueError(f"checkpoint path {url!r} has no bucket name (expected s3://bucket/prefix)")
-    return bucket, prefix.strip("/")
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix") with no trailing slash; a bad URL is an
+    `S3UrlError` (a ValueError) naming the checkpoint path."""
+    from common.s3url import parse_s3_url as parse
+
+    return parse(url, field="checkpoint path")
 
 
 @dataclass(frozen=True)

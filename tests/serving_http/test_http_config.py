@@ -13,9 +13,11 @@ from serving.api.metrics import STALE_AFTER_S, ReplicaMetrics, merge, render
 def test_build_app_args_are_a_closed_schema():
     a = parse_args({"model": "/ckpt/scout", "max_num_seqs": 4, "expert_parallel_size": 2})
     assert a.model_name == "scout" and a.max_num_seqs == 4
-    with pytest.raises(UserError, match="unknown key 'max_num_seq'; did you mean 'max_num_seqs'"):
+    with pytest.raises(UserError, match=r"^serve args: max_num_seq: unknown key \(did you mean 'max_num_seqs'\?\); "
+                                        "valid keys in the top level: model, "):
         parse_args({"model": "/ckpt", "max_num_seq": 4})
-    with pytest.raises(UserError, match="max_num_seqs: Input should be greater than or equal to 1"):
+    with pytest.raises(UserError, match=r"^serve args: max_num_seqs: 0 is not accepted: Input should be greater than "
+                                        r"or equal to 1; set it to sequences one replica runs at once \(KV slots\)$"):
         parse_args({"model": "/ckpt", "max_num_seqs": 0})
     with pytest.raises(UserError, match=r"expert_parallel_size \(3\) must be a multiple of tensor_parallel_size"):
         parse_args({"model": "/ckpt", "expert_parallel_size": 3, "tensor_parallel_size": 2})
