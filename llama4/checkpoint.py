@@ -2,8 +2,11 @@
 
 Writing: `create_checkpoint(preset, out_dir, seed)` produces exactly the files of a released Llama 4 Instruct
 repository (config.json for `Llama4ForConditionalGeneration`, sharded `model-0000k-of-0000n.safetensors` with
-`model.safetensors.index.json`, tokenizer files with the chat template, generation_config.json), with weights
-drawn from a seeded generator per tensor: same preset and seed, same bytes.
+`model.safetensors.index.json`, tokenizer files with the chat template, generation_config.json, and for images
+preprocessor_config.json, processor_config.json and chat_template.json), with weights drawn from a seeded
+generator per tensor: same preset and seed, same bytes. The small presets' vision tower runs in transformers
+(`get_image_features` -> `multi_modal_projector`), and the tokenizer has `<|image|>` and `<|patch|>` at their
+released offsets (200090 and 200092 in the real vocabulary; config.json's `image_token_index` is `<|patch|>`).
 
 Reading: `CheckpointReader` resolves tensor names through the index for both the released multimodal layout
 (`language_model.model.layers.N...`) and the text-only `Llama4ForCausalLM` layout (`model.layers.N...`), and
@@ -22,8 +25,8 @@ import torch
 
 from common.errors import CheckpointError
 from llama4.presets import Preset, get_preset
-from llama4.tokenizer import (EOM, EOS_TEXT, EOT, IMAGE, IMAGE_END, IMAGE_START, PAD, BOS, train_tokenizer,
-                              write_tokenizer_files)
+from llama4.tokenizer import (EOM, EOS_TEXT, EOT, IMAGE, IMAGE_END, IMAGE_START, PAD, PATCH, BOS,
+                              llama4_chat_template, train_tokenizer, write_tokenizer_files)
 
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -71,7 +74,7 @@ def hf_config(preset: Preset, special: dict[str, int], vocab_size: int) -> dict:
         "architectures": ["Llama4ForConditionalGeneration"],
         "boi_token_index": special[IMAGE_START],
         "eoi_token_index": special[IMAGE_END],
-        "image_token_index": special[IMAGE],
+        "image_token_index": special[PATCH],  # the <|patch|> placeholders that image features replace
         "model_type": "llama4",
         "text_config": dict(sorted(text.items())),
         "tie_word_embeddings": False,
@@ -79,6 +82,38 @@ def hf_config(preset: Preset, special: dict[str, int], vocab_size: int) -> dict:
         "transformers_version": "4.51.0.dev0",
         "vision_config": dict(sorted(vision.items())),
     }
+
+
+def processor_files(preset: Preset) -> dict[str, dict]:
+    """preprocessor_config.json, processor_config.json and chat_template.json, as the released repositories carry
+    them; the tile size is the vision tower's `image_size` (336 released)."""
+    v = preset.vision
+    preprocessor = {
+        "crop_size": None,
+        "data_format": "channels_first",
+        "default_to_square": True,
+        "device": None,
+        "do_center_crop": None,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "Llama4ImageProcessorFast",
+        "image_std": [0.5, 0.5, 0.5],
+        "input_data_format": None,
+        "max_patches": 16,
+        "processor_class": "Llama4Processor",
+        "resample": 2,
+        "rescale_factor": 1 / 255,
+        "resize_to_max_canvas": False,
+        "return_tensors": None,
+        "size": {"height": v["image_size"], "width": v["image_size"]},
+    }
+    processor = {"fake_image_token": IMAGE, "image_token": IMAGE, "patch_size": v["patch_size"],
+                 "pixel_shuffle_ratio": v["pixel_shuffle_ratio"], "processor_class": "Llama4Processor"}
+    return {"preprocessor_config.json": preprocessor, "processor_config.json": processor,
+            "chat_template.json": {"chat_template": llama4_chat_template()}}
 
 
 def text_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -134,7 +169,7 @@ def _init_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     if len(shape) == 1:  # norm weights and biases: near one, so a missing norm weight shows in tests
         base = 1.0 if "norm" in name or name.endswith("weight") else 0.0
         return base + 0.1 * torch.randn(shape, generator=g)
-    if "embed" in name or "embedding" in name:
+    if name.endswith("embed_tokens.weight") or "positional_embedding" in name:
         return torch.randn(shape, generator=g)
     # Fan-in scaled so activations stay O(1) through the stack and logits are well separated.
     fan_in = shape[-2] if name.endswith(("gate_up_proj", "experts.down_proj")) else math.prod(shape[1:])
@@ -191,6 +226,8 @@ def create_checkpoint(preset: str | Preset, out_dir: str | Path, seed: int = 0, 
         "transformers_version": "4.51.0.dev0",
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for name, content in processor_files(preset).items():
+        (out / name).write_text(json.dumps(content, indent=2) + "\n")
     return out
 
 

@@ -32,9 +32,11 @@ _RELEASED_COMMON: dict[str, Any] = {
     "rms_norm_eps": 1e-5,
 }
 
+# The vision MLP's width is also the pixel-shuffle MLP's input (`Llama4VisionMLP2.fc1`), so it must be
+# hidden_size / pixel_shuffle_ratio**2 (1408 -> 5632 released); the projector dims must all agree too.
 _SMALL_VISION: dict[str, Any] = {
     "hidden_size": 32,
-    "intermediate_size": 64,
+    "intermediate_size": 128,
     "num_hidden_layers": 1,
     "num_attention_heads": 2,
     "image_size": 56,
@@ -43,6 +45,20 @@ _SMALL_VISION: dict[str, Any] = {
     "projector_input_dim": 64,
     "projector_output_dim": 64,
     "vision_output_dim": 64,
+}
+
+# maverick-bench: released tile size (336 px, 144 tokens per tile) with a narrow two-layer tower.
+_BENCH_VISION: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 336,
+    "patch_size": 14,
+    "pixel_shuffle_ratio": 0.5,
+    "projector_input_dim": 512,
+    "projector_output_dim": 512,
+    "vision_output_dim": 512,
 }
 
 _RELEASED_VISION: dict[str, Any] = {
@@ -170,7 +186,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "maverick-bench": Preset(
         name="maverick-bench",
-        description="Maverick-shaped, ~219M parameters (hidden 512, 8 layers, 128 experts), for CPU benchmarks",
+        description="Maverick-shaped, ~219M parameters (hidden 512, 8 layers, 128 experts), for CPU benchmarks; "
+                    "336-px tiles through a 2-layer vision tower",
         text=_tiny(
             hidden_size=512,
             num_hidden_layers=8,
@@ -187,7 +204,7 @@ PRESETS: dict[str, Preset] = {
             floor_scale=8192,
             max_position_embeddings=16384,
         ),
-        vision=_SMALL_VISION,
+        vision=_BENCH_VISION,
         bpe_vocab_size=2048,
         materialise=True,
     ),

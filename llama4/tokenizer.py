@@ -23,6 +23,7 @@ PRETOKENIZE_REGEX = (
 
 BOS, EOS_TEXT, EOM, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eom|>", "<|eot|>", "<|finetune_right_pad|>"
 IMAGE, IMAGE_START, IMAGE_END, PATCH = "<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>"
+TILE_X, TILE_Y = "<|tile_x_separator|>", "<|tile_y_separator|>"
 
 
 def special_tokens() -> list[str]:
@@ -31,8 +32,8 @@ def special_tokens() -> list[str]:
         0: BOS, 1: EOS_TEXT, 2: "<|fim_prefix|>", 3: "<|fim_middle|>", 4: "<|fim_suffix|>",
         5: "<|header_start|>", 6: "<|header_end|>", 7: EOM, 8: EOT, 9: "<|step|>",
         16: "<|python_start|>", 17: "<|python_end|>", 18: PAD,
-        80: IMAGE_START, 81: IMAGE_END, 84: "<|tile_x_separator|>", 85: "<|tile_y_separator|>",
-        92: IMAGE, 94: PATCH,
+        80: IMAGE_START, 81: IMAGE_END, 84: TILE_X, 85: TILE_Y,
+        90: IMAGE, 92: PATCH,  # as released: <|image|> 200090, <|patch|> 200092 (config image_token_index)
         1990: "<|reasoning_thinking_start|>", 1991: "<|reasoning_thinking_end|>",
     }
     out, text_i, vision_i, reason_i = [], 0, 0, 0
@@ -101,7 +102,8 @@ def write_tokenizer_files(tok, out_dir: Path, model_max_length: int) -> dict[str
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return the key special ids."""
     out_dir = Path(out_dir)
     tok.save(str(out_dir / "tokenizer.json"))
-    ids = {name: tok.token_to_id(name) for name in (BOS, EOS_TEXT, EOM, EOT, PAD, IMAGE, IMAGE_START, IMAGE_END)}
+    ids = {name: tok.token_to_id(name)
+           for name in (BOS, EOS_TEXT, EOM, EOT, PAD, IMAGE, IMAGE_START, IMAGE_END, PATCH, TILE_X, TILE_Y)}
     added = {}
     for t in special_tokens():
         added[str(tok.token_to_id(t))] = {

@@ -88,7 +88,11 @@ def test_special_tokens_are_all_present_and_read_from_files(scout_tiny):
     gen = json.loads((scout_tiny / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [vocab["<|end_of_text|>"], vocab["<|eom|>"], vocab["<|eot|>"]]
     cfg = json.loads((scout_tiny / "config.json").read_text())
-    assert cfg["image_token_index"] == vocab["<|image|>"]
+    # As released: <|image|> at 200090, <|patch|> at 200092, which config.json names as the image token.
+    first_special = vocab["<|begin_of_text|>"]
+    assert vocab["<|image|>"] - first_special == 90 and vocab["<|patch|>"] - first_special == 92
+    assert cfg["image_token_index"] == vocab["<|patch|>"]
+    assert cfg["boi_token_index"] == vocab["<|image_start|>"] and cfg["eoi_token_index"] == vocab["<|image_end|>"]
     assert cfg["text_config"]["vocab_size"] == len(vocab) == 4096
     # A multi-byte round trip through the byte-level BPE.
     s = "café 日本語 🙂 naïve"
@@ -189,3 +193,46 @@ def test_ensure_checkpoint_writes_once_and_completes_a_half_written_folder(tmp_p
     (path / "model.safetensors.index.json").unlink()  # as if interrupted before the index was written
     ensure_checkpoint("scout-tiny", path)
     assert _digest(path) == before
+
+
+@pytest.mark.parametrize("fixture", ["scout_tiny", "maverick_tiny"])
+def test_vision_tower_runs_in_transformers(fixture, request):
+    """transformers' own vision modules run on the small presets: features [tiles, tokens per tile, D_text]."""
+    from transformers import Llama4ForConditionalGeneration
+
+    path = request.getfixturevalue(fixture)
+    model = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    v = model.config.vision_config
+    assert v.intermediate_size == v.hidden_size / v.pixel_shuffle_ratio ** 2
+    pixel_values = torch.randn(7, 3, v.image_size, v.image_size)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixel_values).last_hidden_state
+        projected = model.multi_modal_projector(features)
+    per_tile = (v.image_size // v.patch_size) ** 2 * v.pixel_shuffle_ratio ** 2
+    assert projected.shape == (7, per_tile, model.config.text_config.hidden_size)
+    assert torch.isfinite(projected).all() and projected.std() > 0.1
+
+
+def test_processor_files_as_released(maverick_tiny):
+    pre = json.loads((maverick_tiny / "preprocessor_config.json").read_text())
+    vision = json.loads((maverick_tiny / "config.json").read_text())["vision_config"]
+    assert pre["size"] == {"height": vision["image_size"], "width": vision["image_size"]}
+    assert pre["max_patches"] == 16 and pre["resample"] == 2 and pre["image_mean"] == [0.5] * 3
+    assert pre["processor_class"] == "Llama4Processor" and pre["resize_to_max_canvas"] is False
+    proc = json.loads((maverick_tiny / "processor_config.json").read_text())
+    assert proc["image_token"] == proc["fake_image_token"] == "<|image|>"
+    assert proc["patch_size"] == vision["patch_size"]
+    template = json.loads((maverick_tiny / "chat_template.json").read_text())["chat_template"]
+    assert "{{- '<|image|>' }}" in template
+    assert json.loads((maverick_tiny / "tokenizer_config.json").read_text())["chat_template"] == template
+
+
+def test_chat_template_renders_image_parts(maverick_tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(maverick_tiny)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    assert text == ("<|begin_of_text|><|header_start|>user<|header_end|>\n\n<|image|>What is this?<|eot|>"
+                    "<|header_start|>assistant<|header_end|>\n\n")
