@@ -116,7 +116,8 @@ def model_at(root: Any, loc: tuple) -> Any:
 def _as_fix(description: str) -> str:
     """A field description read after 'set it to': no final period, a capital dropped unless it starts a name."""
     d = description.rstrip().rstrip(".")
-    return d[0].lower() + d[1:] if len(d) > 1 and d[0].isupper() and d[1].islower() else d
+    word = d.split(maxsplit=1)[0] if d else ""
+    return d[0].lower() + d[1:] if len(word) > 1 and word[0].isupper() and word[1:].islower() else d
 
 
 def _description(field: Any) -> str:
