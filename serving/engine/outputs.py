@@ -1,7 +1,7 @@
 """What the engine hands back: finished or partial results (`RequestOutput`), streaming deltas, and stats."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -88,4 +88,3 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int = 0
-    extra: dict = field(default_factory=dict)

@@ -99,9 +99,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def _piece(self, req: Request, budget: int) -> SeqChunk:
         start = req.num_computed
         to_boundary = self.chunk_size - start % self.chunk_size
