@@ -106,10 +106,24 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        bad = [t for t in params.logit_bias or () if t >= self.config.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        grammar = self.grammars.new_state(params.structured_outputs) if params.structured_outputs else None
         return Request(request_id, next(self._seq_ids), text, ids, params, max_tokens,
                        RequestMetrics(arrival_time or time.time()),
                        IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), gen,
-                       logprobs=[] if params.logprobs is not None else None)
+                       logprobs=[] if params.logprobs is not None else None, grammar=grammar,
+                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+
+    @property
+    def grammars(self):
+        """The structured-output grammar compiler (serving/engine/structured.py), made on first use."""
+        if getattr(self, "_grammars", None) is None:
+            from serving.engine.structured import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
+        return self._grammars
 
     def add_request(self, request_id: str, prompt: str | list[int] | Request,
                     params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
@@ -162,11 +176,28 @@ class LLMEngine:
         if not done:
             return changed
         reqs = [p.request for p in done]
-        tokens = choose_tokens(logits_NV, [r.params for r in reqs], [r.generator for r in reqs])
+        if any(r.prompt_logprobs is not None for r in reqs):  # prompt pieces of echo requests: score, no token
+            rows = [i for i, r in enumerate(reqs) if not self._score_prompt_token(r, logits_NV[i])]
+            reqs, logits_NV = [reqs[i] for i in rows], logits_NV[rows]
+        tokens = choose_tokens(logits_NV, [r.params for r in reqs], [r.generator for r in reqs],
+                               [(r.prompt_token_ids, r.output_token_ids) if r.params.adjusts_logits else None
+                                for r in reqs], [r.grammar for r in reqs])
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             self._append_token(req, token, logits_NV[i])
             changed.append(req)
         return changed
+
+    def _score_prompt_token(self, req: Request, logits_V: torch.Tensor) -> bool:
+        """For a request with prompt_logprobs, still inside its prompt: log-probabilities of the next prompt token.
+
+        The scheduler runs such prompts one token a step (the executor returns the last position's logits only).
+        """
+        if req.prompt_logprobs is None or req.num_computed >= len(req.token_ids):
+            return False
+        token = req.token_ids[req.num_computed]
+        req.prompt_logprobs.append({t: Logprob(lp, rank, self.tokenizer.decode([t]))
+                                    for t, lp, rank in top_logprobs(logits_V, token, req.params.prompt_logprobs)})
+        return True
 
     def _fail_running(self, exc: Exception) -> list[Request]:
         """A worker died: fail what was in flight, rebuild the executor, keep the waiting requests."""
@@ -230,7 +261,7 @@ class LLMEngine:
         completion = CompletionOutput(0, req.output_text, req.output_token_ids, req.finish_reason, req.stop_reason,
                                       list(req.logprobs) if req.logprobs is not None else None, req.error)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished,
-                             req.metrics)
+                             req.metrics, req.prompt_logprobs)
 
     def _streamable_text_len(self, req: Request) -> int:
         """Text that no stop string can still claim: hold back a possible stop string's beginning."""
@@ -249,6 +280,8 @@ class LLMEngine:
             req.request_id, out_ids[req.sent_tokens:], req.output_text[req.sent_text:text_end], req.finish_reason,
             len(req.prompt_token_ids), len(out_ids), lps, req.stop_reason, req.error, req.metrics.arrival_time,
             req.metrics.first_token_time, req.metrics.queued_time)
+        if req.prompt_logprobs is not None and req.sent_tokens == 0:
+            delta.prompt_logprobs = req.prompt_logprobs
         req.sent_tokens, req.sent_text = len(out_ids), text_end
         return delta
 

@@ -52,6 +52,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # per prompt token (the first is None)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -78,6 +79,7 @@ class RequestDelta:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     queued_time: float | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # in the first delta only, when asked for
 
 
 @dataclass

@@ -1,7 +1,27 @@
 """`SamplingParams`: how to pick tokens and when to stop, with vLLM's field names and validation at construction."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy, as in vLLM (_SAMPLING_EPS)
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's name): a JSON schema, or any JSON object. One of the two."""
+
+    json: dict[str, Any] | None = None  # a JSON schema the output must validate against
+    json_object: bool = False  # any JSON object
+
+    def __post_init__(self) -> None:
+        if (self.json is not None) == bool(self.json_object):
+            raise ValueError("structured_outputs needs exactly one of json (a schema) or json_object=True")
+
+    def key(self) -> str:
+        """Identifies the grammar (compiled once per key)."""
+        return "object" if self.json_object else "schema:" + json.dumps(self.json, sort_keys=True)
 
 
 @dataclass
@@ -18,6 +38,13 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS ids
     seed: int | None = None  # per-request seed: same seed, same tokens
     logprobs: int | None = None  # also return the top-n log-probabilities of each generated token (0: sampled only)
+    prompt_logprobs: int | None = None  # log-probabilities of the prompt's tokens (top-n too); the first is None
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens
+    min_p: float = 0.0  # drop tokens whose probability is below min_p x the likeliest token's
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before anything else
+    structured_outputs: StructuredOutputsParams | None = None  # grammar the output must follow
     skip_special_tokens: bool = True
     stop_list: list[str] = field(init=False, repr=False)
 
@@ -36,6 +63,21 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.prompt_logprobs is not None and not (0 <= self.prompt_logprobs <= 20):
+            raise ValueError(f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (-2.0 <= getattr(self, name) <= 2.0):
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (self.repetition_penalty > 0.0):
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.logit_bias:
+            for t, b in self.logit_bias.items():
+                if not isinstance(t, int) or t < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {t!r}")
+                if not (-100.0 <= b <= 100.0):
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {b} for token {t}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or s == "" for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
@@ -47,4 +89,11 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # vLLM's rule: a temperature this small is greedy (dividing logits by it overflows to inf/nan).
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether logits change before temperature (bias, penalties): the raw ones stay for logprobs."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 \
+            or self.repetition_penalty != 1.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,6 +48,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_text: str = ""  # detokenized output, cut at a stop string
     logprobs: list[PositionLogprobs] | None = None
+    grammar: Any = None  # structured.GrammarState when the output is constrained
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # scored prompt tokens (echo requests)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
@@ -103,6 +106,9 @@ class Scheduler:
         start = req.num_computed
         to_boundary = self.chunk_size - start % self.chunk_size
         n = min(len(req.token_ids) - start, budget, to_boundary)
+        if req.prompt_logprobs is not None and start < len(req.prompt_token_ids):
+            # Every prompt position's logits are wanted and the executor returns a piece's last one: 1-token pieces.
+            return SeqChunk(req.seq_id, req.token_ids[start:start + 1], start, need_logits=True)
         end = start + n
         return SeqChunk(req.seq_id, req.token_ids[start:end], start, need_logits=end == len(req.token_ids))
 
