@@ -51,9 +51,8 @@ def load_api_keys(path: str | Path) -> dict[str, str]:
         parsed = ApiKeysFile.model_validate(raw if raw is not None else {})
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise UserError(f"{path}: {where}: {err['msg']}; the file must be `keys:` mapping each API key to an "
-                        "identity") from None
+        raise UserError(f"{path}: {_where(err['loc'], raw)}: {err['msg']}; the file must be `keys:` mapping each API "
+                        "key to an identity") from None
     out = {}
     for i, (key, ident) in enumerate(parsed.keys.items()):
         if len(key) < MIN_KEY_CHARS:
@@ -64,6 +63,15 @@ def load_api_keys(path: str | Path) -> dict[str, str]:
             raise UserError(f"{path}: key number {i + 1} has an empty identity; name the team or user it belongs to")
         out[digest(key)] = ident
     return out
+
+
+def _where(loc: tuple, raw) -> str:
+    """The error's place in the file without the key itself: a key is a secret, so it is named by its position."""
+    if len(loc) >= 2 and loc[0] == "keys" and isinstance(raw, dict) and isinstance(raw.get("keys"), dict):
+        keys = list(raw["keys"])
+        n = keys.index(loc[1]) + 1 if loc[1] in keys else "?"
+        return f"keys: key number {n}'s identity" + "".join(f".{p}" for p in loc[2:])
+    return ".".join(str(p) for p in loc) or "(top level)"
 
 
 class KeyChecker:
