@@ -82,9 +82,19 @@ class Ingress:
 
     @web.get("/health")
     async def health(self):
+        """200 while at least one model replica's engine is alive (its last heartbeat, as pushed to the metrics
+        hub: no generation), else 503; the body lists each replica's state."""
+        import asyncio
+
         from fastapi.responses import JSONResponse
 
-        return JSONResponse({"status": "ok"})
+        try:
+            state = await asyncio.wait_for(self.hub.health.remote(), timeout=5)
+        except Exception as e:  # the hub itself is unreachable: say so, never a 500
+            return JSONResponse({"status": "unavailable", "reason": f"metrics hub: {e.__class__.__name__}"},
+                                status_code=503)
+        ok = state["healthy"] > 0
+        return JSONResponse({"status": "ok" if ok else "unavailable", **state}, status_code=200 if ok else 503)
 
     @web.get("/v1/models")
     async def models(self, request: Request):

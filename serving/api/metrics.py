@@ -18,6 +18,8 @@ import time
 
 PUSH_INTERVAL_S = 0.5
 STALE_AFTER_S = 10.0
+# A model replica whose engine loop has not gone round for this long is stalled (a step takes ms to seconds).
+HEARTBEAT_STALE_S = 120.0
 
 # Bucket edges as vLLM uses them (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -73,9 +75,10 @@ class ReplicaMetrics:
             for expert, n in enumerate(row):
                 self.counters[("herd:expert_routed_tokens", str(layer), str(expert))] = float(n)
 
-    def snapshot(self) -> dict:
+    def snapshot(self, health: dict | None = None) -> dict:
+        """What a replica pushes; `health` is its engine's state ({"heartbeat_age_s", "dead"})."""
         return {"counters": dict(self.counters), "gauges": dict(self.gauges),
-                "hists": {n: (list(c), s[0]) for n, (c, s) in self.hists.items()}}
+                "hists": {n: (list(c), s[0]) for n, (c, s) in self.hists.items()}, "health": health}
 
 
 def merge(snapshots: dict[str, tuple[float, dict]], now: float) -> dict:
@@ -149,6 +152,26 @@ class MetricsHub:
 
     def collect(self) -> dict:
         return merge(self.snapshots, time.time())
+
+    def health(self) -> dict:
+        """The model replicas' state from their last reports (no generation): see `replica_health`."""
+        return replica_health(self.snapshots, time.time())
+
+
+def replica_health(snapshots: dict[str, tuple[float, dict]], now: float) -> dict:
+    """{"healthy": n, "replicas": [...]}: a replica is healthy when it reported in the last STALE_AFTER_S, its
+    engine loop is running, and the loop's last heartbeat is under HEARTBEAT_STALE_S old."""
+    rows = []
+    for rid, (reported_at, snap) in sorted(snapshots.items()):
+        h = snap.get("health") or {}
+        age = now - reported_at
+        if age > STALE_AFTER_S and not h.get("dead"):
+            continue  # a replica that went away (or is not up yet): not part of the application's state
+        hb = h.get("heartbeat_age_s")
+        ok = age <= STALE_AFTER_S and not h.get("dead") and hb is not None and hb < HEARTBEAT_STALE_S
+        rows.append({"replica": rid, "healthy": bool(ok), "reported_s_ago": round(age, 2),
+                     "engine_heartbeat_s_ago": None if hb is None else round(hb + age, 2), "dead": h.get("dead")})
+    return {"healthy": sum(r["healthy"] for r in rows), "replicas": rows}
 
 
 def hub_handle(app_name: str):

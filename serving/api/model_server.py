@@ -19,7 +19,7 @@ import uuid
 from ray import serve
 
 from serving.api.errors import ApiError, bad_request, queue_full
-from serving.api.metrics import PUSH_INTERVAL_S, ReplicaMetrics
+from serving.api.metrics import HEARTBEAT_STALE_S, PUSH_INTERVAL_S, ReplicaMetrics
 
 log = logging.getLogger("herd.serving.model")
 
@@ -51,6 +51,15 @@ class ModelServer:
         err = self.engine.dead_reason  # Serve replaces a replica whose health check raises
         if err is not None:
             raise RuntimeError(f"engine stopped: {err.__class__.__name__}")
+        age = self.engine.heartbeat_age()
+        if age > HEARTBEAT_STALE_S:
+            raise RuntimeError(f"engine loop stalled: no heartbeat for {age:.0f} s")
+
+    def _health(self) -> dict:
+        """The engine's state as the ingress's /health reports it: cheap, no generation."""
+        dead = self.engine.dead_reason
+        return {"heartbeat_age_s": self.engine.heartbeat_age(), "dead": None if dead is None else
+                dead.__class__.__name__}
 
     async def ready(self) -> int:
         """Answers once the engine is loaded; returns the context length."""
@@ -181,7 +190,7 @@ class ModelServer:
                     experts = None
                 if experts is None:
                     experts = asyncio.ensure_future(asyncio.to_thread(self.llm.routed_token_counts))
-                await self.hub.report.remote(self.replica_id, self.metrics.snapshot())
+                await self.hub.report.remote(self.replica_id, self.metrics.snapshot(self._health()))
             except Exception as e:  # metrics must never take the replica down
                 log.warning("metrics push failed: %s", e.__class__.__name__)
                 experts = None

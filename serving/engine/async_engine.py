@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator
 
 from serving.engine.errors import EngineDeadError, QueueFullError
@@ -36,6 +37,7 @@ class AsyncLLMEngine:
         self._num_queued = 0  # requests handed to the loop thread and not yet running
         self._stopping = False
         self._dead: BaseException | None = None
+        self.last_heartbeat = time.monotonic()  # when the loop thread last went round (cheap liveness signal)
         self._thread = threading.Thread(target=self._run, name="herd-engine-loop", daemon=True)
         self._thread.start()
 
@@ -48,6 +50,10 @@ class AsyncLLMEngine:
     def dead_reason(self) -> BaseException | None:
         """Why the engine loop stopped for good (requests then fail with EngineDeadError); None while it runs."""
         return self._dead
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the loop thread last went round: under a second when idle, one step's time when busy."""
+        return time.monotonic() - self.last_heartbeat
 
     @property
     def tokenizer(self):
@@ -131,6 +137,7 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self.last_heartbeat = time.monotonic()
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=0.5)
@@ -160,7 +167,7 @@ class AsyncLLMEngine:
                 if wanted:  # else the caller gave up before the request reached the engine
                     try:
                         self.engine.add_request(arg.request_id, arg)
-                    except ValueError as exc:
+                    except Exception as exc:  # this request alone is refused; the loop goes on
                         self._deliver(arg.request_id, exc)
             else:
                 self.engine.abort_request(arg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,8 @@ from serving.engine.outputs import (CompletionOutput, EngineStats, Logprob, Requ
 from serving.engine.params import SamplingParams
 from serving.engine.sampling import choose_tokens, top_logprobs
 from serving.engine.scheduler import Request, RequestStatus, Scheduler
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN = 8192
 
@@ -170,6 +173,8 @@ class LLMEngine:
             logits_NV = self.executor.execute([p.chunk for p in pieces])
         except WorkerDiedError as exc:
             return changed + self._fail_running(exc)
+        except Exception as exc:  # this batch failed; the device and the other requests are fine
+            return changed + self._fail_step(pieces, exc)
         done = [p for p in pieces if p.chunk.need_logits]
         for p in pieces:
             p.request.num_computed += len(p.chunk.token_ids)
@@ -179,11 +184,11 @@ class LLMEngine:
         if any(r.prompt_logprobs is not None for r in reqs):  # prompt pieces of echo requests: score, no token
             rows = [i for i, r in enumerate(reqs) if not self._score_prompt_token(r, logits_NV[i])]
             reqs, logits_NV = [reqs[i] for i in rows], logits_NV[rows]
-        tokens = choose_tokens(logits_NV, [r.params for r in reqs], [r.generator for r in reqs],
+        tokens = self._choose_tokens(logits_NV, [r.params for r in reqs], [r.generator for r in reqs],
                                [(r.prompt_token_ids, r.output_token_ids) if r.params.adjusts_logits else None
                                 for r in reqs], [r.grammar for r in reqs])
         for i, (req, token) in enumerate(zip(reqs, tokens)):
-            self._append_token(req, token, logits_NV[i])
+            self._append_or_fail(req, token, logits_NV[i])
             changed.append(req)
         return changed
 
@@ -198,6 +203,62 @@ class LLMEngine:
         req.prompt_logprobs.append({t: Logprob(lp, rank, self.tokenizer.decode([t]))
                                     for t, lp, rank in top_logprobs(logits_V, token, req.params.prompt_logprobs)})
         return True
+
+    def _choose_tokens(self, logits_NV: torch.Tensor, params: list, generators: list, *per_row) -> list[int | None]:
+        """`choose_tokens` for the batch; if it fails, row by row, so only the rows that fail get None."""
+        try:
+            return choose_tokens(logits_NV, params, generators, *per_row)
+        except Exception:
+            pass
+        tokens: list[int | None] = []
+        for i in range(len(params)):
+            rest = [None if r is None else r[i:i + 1] for r in per_row]
+            try:
+                tokens.append(choose_tokens(logits_NV[i:i + 1], params[i:i + 1], generators[i:i + 1], *rest)[0])
+            except Exception as exc:
+                log.warning("sampling failed for one request: %s", exc.__class__.__name__)
+                tokens.append(exc)
+        return tokens
+
+    def _append_or_fail(self, req: Request, token, logits_V: torch.Tensor) -> None:
+        """Add a sampled token; a failure here (sampling, detokenizing, stop checks) fails this request only."""
+        if isinstance(token, BaseException):
+            return self._fail_request(req, f"sampling failed: {token}")
+        try:
+            self._append_token(req, token, logits_V)
+        except Exception as exc:
+            log.warning("finishing a token failed for one request: %s", exc.__class__.__name__)
+            self._fail_request(req, f"processing the generated token failed: {exc}")
+
+    def _fail_request(self, req: Request, error: str) -> None:
+        req.error = error
+        if not req.finished:
+            self._finish(req, "error")
+
+    def _fail_step(self, pieces, exc: Exception) -> list[Request]:
+        """A forward pass raised: fail that step's requests and free their slots; the engine goes on serving.
+
+        A device that no longer answers (a CUDA error is sticky) cannot serve anything: then the error propagates and
+        the engine loop stops, so the replica is replaced."""
+        if not self._device_alive():
+            raise exc
+        log.error("a model step failed; failing its %d request(s): %r", len(pieces), exc)
+        failed = []
+        for p in pieces:
+            if not p.request.finished:
+                self._fail_request(p.request, f"the model step failed: {exc}")
+                failed.append(p.request)
+        return failed
+
+    def _device_alive(self) -> bool:
+        device = getattr(self.executor, "device", None)
+        if device is None or torch.device(device).type == "cpu":
+            return True
+        try:
+            torch.ones(1, device=device).add_(1).item()  # any sticky device error surfaces here
+            return True
+        except Exception:
+            return False
 
     def _fail_running(self, exc: Exception) -> list[Request]:
         """A worker died: fail what was in flight, rebuild the executor, keep the waiting requests."""

@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass, field
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy, as in vLLM (_SAMPLING_EPS)
+
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy, as in vLLM (_SAMPLING_EPS)
 from typing import Any
 
 

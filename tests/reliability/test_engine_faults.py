@@ -35,7 +35,6 @@ async def _run(eng, rid, prompt, params):
     return [d async for d in eng.add_request(rid, prompt, params)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 1")
 @pytest.mark.parametrize("temperature", [1e-40, 1e-12])
 def test_a_tiny_temperature_is_greedy(engine, temperature):
     expected = engine.generate("The herd", GREEDY)[0].outputs[0]
@@ -44,7 +43,6 @@ def test_a_tiny_temperature_is_greedy(engine, temperature):
     assert SamplingParams(temperature=temperature).greedy
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 1")
 def test_a_sampling_failure_fails_that_request_only(engine, monkeypatch):
     import serving.engine.sampling as sampling
 
@@ -65,7 +63,6 @@ def test_a_sampling_failure_fails_that_request_only(engine, monkeypatch):
     assert engine.generate("The herd", GREEDY)[0].outputs[0].token_ids == expected.token_ids
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 1")
 def test_a_failing_forward_fails_that_step_and_the_loop_keeps_serving(async_engine):
     executor = async_engine.engine.executor
     real = executor.execute
@@ -93,7 +90,6 @@ def test_a_failing_forward_fails_that_step_and_the_loop_keeps_serving(async_engi
     assert async_engine.dead_reason is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 1")
 def test_the_loop_heartbeat_advances_while_idle(async_engine):
     first = async_engine.last_heartbeat
     time.sleep(1.2)

@@ -1,4 +1,4 @@
-"""When the engine loop cannot go on (e.g. an expert-parallel group that cannot be rebuilt), every open stream
+"""When the engine loop cannot go on (an expert-parallel group that cannot be rebuilt), every open stream
 fails with EngineDeadError, new requests are refused at once, and `dead_reason` says why (Serve's health check
 reads it to replace the replica)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from serving.engine import AsyncLLMEngine, LLMEngine, SamplingParams
-from serving.engine.errors import EngineDeadError
+from serving.engine.errors import EngineDeadError, WorkerDiedError
 
 
 def test_a_dead_loop_fails_streams_and_refuses_requests(scout_tiny):
@@ -16,13 +16,17 @@ def test_a_dead_loop_fails_streams_and_refuses_requests(scout_tiny):
                                                       max_model_len=64))
 
     def broken_step(chunks):
+        raise WorkerDiedError("worker 1 died")
+
+    def broken_rebuild():
         raise RuntimeError("placement group lost: cannot rebuild the workers")
 
     async def run():
         assert engine.dead_reason is None
         async for _ in engine.add_request("ok", "hello", SamplingParams(max_tokens=2, temperature=0.0)):
             pass
-        engine.engine.executor.execute = broken_step  # what a failed rebuild leaves behind
+        engine.engine.executor.execute = broken_step  # a worker died, and it cannot be replaced
+        engine.engine.executor.rebuild = broken_rebuild
         with pytest.raises(EngineDeadError, match="placement group lost"):
             async for _ in engine.add_request("doomed", "hello", SamplingParams(max_tokens=2)):
                 pass

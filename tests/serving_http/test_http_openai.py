@@ -131,7 +131,9 @@ def test_models_root_health(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == ["scout-tiny"]
     assert "Built with Llama" in httpx.get(f"{server}/").text
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server}/health").json()  # the model replica's engine state, from its heartbeat
+    assert health["status"] == "ok" and health["healthy"] == 1
+    assert health["replicas"][0]["dead"] is None and health["replicas"][0]["engine_heartbeat_s_ago"] < 10
 
 
 def _metrics(server) -> str:
