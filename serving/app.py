@@ -59,7 +59,8 @@ class Ingress:
         self.recorder = make_recorder()
         self.server = OpenAIServer(self.args.model_name, self.args.max_model_len or 0, self._generate,
                                    self._metrics, KeyChecker(key_digests), self.recorder, is_backpressure,
-                                   self.args.retry_after_s, self.args.product)
+                                   self.args.retry_after_s, self.args.product,
+                                   trust_user_field=self.args.trust_user_field)
 
     async def _generate(self, job: dict):
         stream = self.model.options(stream=True).generate.remote(job)

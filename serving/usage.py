@@ -1,7 +1,10 @@
 """Who made each request, for the licence's monthly-active-user count, without ever logging who it was.
 
 A request's user is the `user` field of its body, else its `X-User-Id` header, else the identity its API key maps
-to, else "anonymous". That ID goes to `licensing.MauTracker.record(user_id, product, timestamp)`, which hashes it
+to, else "anonymous", when the operator trusts those fields (`trust_user_field`: on without API keys, off with
+them). With keys and trust, the named user is namespaced by the key's identity (`team-a/alice`), so one key cannot
+count as another key's users; without trust only the key's identity counts. A request is recorded once the model
+has accepted it, never for a refused one. That ID goes to `licensing.MauTracker.record(user_id, product, timestamp)`, which hashes it
 with the licensing key before keeping anything. Serving only ever logs `log_tag(user_id)`, a short keyed digest
 that lets an operator correlate log lines without learning the ID.
 """
@@ -31,11 +34,15 @@ class NullRecorder:
         return None
 
 
-def resolve_user(body_user: str | None, header_user: str | None, key_identity: str | None) -> str:
-    """The user this request counts for, by the precedence in the module docstring."""
-    for candidate in (body_user, header_user, key_identity):
-        if candidate is not None and candidate.strip():
-            return candidate.strip()
+def resolve_user(body_user: str | None, header_user: str | None, key_identity: str | None,
+                 trust_user_field: bool = True) -> str:
+    """The user this request counts for, by the rules in the module docstring."""
+    if trust_user_field:
+        for candidate in (body_user, header_user):
+            if candidate is not None and candidate.strip():
+                return f"{key_identity}/{candidate.strip()}" if key_identity else candidate.strip()
+    if key_identity is not None and key_identity.strip():
+        return key_identity.strip()
     return ANONYMOUS
 
 

@@ -51,6 +51,11 @@ class ServeArgs(BaseModel):
     worker_num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per expert-parallel worker.")
     ingress_num_cpus: float = Field(0.1, gt=0, le=64, description="CPUs for the HTTP ingress replica.")
     product: str = Field("llm-api", min_length=1, description="Product name requests count under for the licence.")
+    trust_user_field: Optional[bool] = Field(None, description="Count the body's `user` / the X-User-Id header as "
+                                                               "the licence's user (namespaced by the key's identity "
+                                                               "when keys are set). Default: on without "
+                                                               "api_keys_file, off with one (the key's identity "
+                                                               "counts).")
     app_name: str = Field("herd", min_length=1, description="Serve application name (names the metrics hub).")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 when the queue is full.")
     stream_interval_s: float = Field(0.0, ge=0, le=1.0, description="Streaming: send the tokens gathered over this "

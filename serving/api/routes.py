@@ -50,7 +50,7 @@ class OpenAIServer:
     def __init__(self, model_name: str, max_model_len: int, generate: Generate,
                  metrics: Callable[[], Awaitable[bytes]], keys: KeyChecker, recorder: Recorder,
                  is_backpressure: Callable[[BaseException], bool] = lambda e: False, retry_after_s: int = 1,
-                 product: str = "llm-api"):
+                 product: str = "llm-api", trust_user_field: bool | None = None):
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.generate = generate
@@ -60,6 +60,8 @@ class OpenAIServer:
         self.is_backpressure = is_backpressure
         self.retry_after_s = retry_after_s
         self.product = product
+        # Whether the body's `user` / X-User-Id count (serving/usage.py); default: only when there are no API keys.
+        self.trust_user_field = (not keys.enabled) if trust_user_field is None else trust_user_field
         self.created = int(time.time())
 
     # ---- simple endpoints ------------------------------------------------------------------------------------
@@ -87,9 +89,10 @@ class OpenAIServer:
     async def _handle(self, request, kind: str):
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         try:
-            req, job = await self._accept(request, kind, rid)
+            req, job, user = await self._accept(request, kind, rid)
             items = self.generate(job)
             first = await self._first(items, rid)
+            record_safely(self.recorder, user, self.product)  # the model accepted it: now it counts
             if req.stream:
                 return self._stream(req, kind, rid, first, items)
             return await self._whole(req, kind, rid, first, items)
@@ -122,10 +125,9 @@ class OpenAIServer:
             job["prompt"] = P.check_completion(req)
             job["max_tokens"] = req.max_tokens
             job["max_tokens_param"] = "max_tokens"
-        user = resolve_user(req.user, request.headers.get(USER_HEADER), identity)
-        record_safely(self.recorder, user, self.product)
+        user = resolve_user(req.user, request.headers.get(USER_HEADER), identity, self.trust_user_field)
         log.info("request %s from user %s", rid, log_tag(user))
-        return req, job
+        return req, job, user
 
     @staticmethod
     def _parse(schema, body: bytes):

@@ -64,8 +64,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 OK = {"model": "m", "prompt": "hi", "max_tokens": 1, "user": "mallory"}
 
 
-@pytest.mark.parametrize("body", [pytest.param({"model": "m", "prompt": "too long", "user": "u1"},  # the model refuses
-                                               marks=pytest.mark.xfail(strict=True, reason="issue 16 item 12")),
+@pytest.mark.parametrize("body", [{"model": "m", "prompt": "too long", "user": "u1"},  # the model refuses
                                   {"model": "other", "prompt": "hi", "user": "u1"},     # unknown model
                                   {"model": "m", "prompt": "hi", "temperature": -1, "user": "u1"}])  # bad field
 def test_a_refused_request_is_not_counted(body):
@@ -74,14 +73,12 @@ def test_a_refused_request_is_not_counted(body):
     assert rec.users == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 12")
 def test_with_a_keys_file_the_key_identity_counts_not_the_body():
     client, rec = _client(keys=True)
     assert _post(client, OK, {**AUTH, "X-User-Id": "someone-else"}) == 200
     assert rec.users == ["team-a"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 12")
 def test_trusted_user_fields_are_namespaced_by_the_key():
     client, rec = _client(keys=True, trust_user_field=True)
     assert _post(client, OK, AUTH) == 200
