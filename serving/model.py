@@ -68,6 +68,9 @@ class Batch:
     prefill: list[SeqSpan]
     single: SeqSpan | None = None  # the one sequence, when the batch holds just one (cache views, no gathers)
     chunk_size: int = 0
+    # Early fusion (images): these rows' token embeddings are replaced by the vision tower's (serving/vision.py).
+    mm_rows_R: torch.Tensor | None = None  # int64 [R]
+    mm_embeds_RD: torch.Tensor | None = None  # [R, D]
     _masks: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_mask(self, ring: bool, length: int) -> torch.Tensor:
@@ -473,6 +476,8 @@ class Transformer(nn.Module):
         """Run one step; returns float32 logits [N, V] for the rows in `batch.logits_idx_N`."""
         tables = self.step_tables(batch.positions_T)
         x_TD = self.embed_tokens(batch.tokens_T)
+        if batch.mm_rows_R is not None:
+            x_TD[batch.mm_rows_R] = batch.mm_embeds_RD.to(x_TD.dtype)
         for layer in self.layers:
             x_TD = layer(x_TD, batch, tables)
         return self.lm_head(self.norm(x_TD[batch.logits_idx_N])).float()

@@ -70,13 +70,17 @@ class AsyncLLMEngine:
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return self.engine.apply_chat_template(messages)
 
+    def chat_prompt(self, messages: list[dict]) -> dict:
+        """A prompt dict (ids + images) for chat messages that may hold image parts; see `LLMEngine.chat_prompt`."""
+        return self.engine.chat_prompt(messages)
+
     def num_waiting(self) -> int:
         return self._num_queued + len(self.engine.scheduler.waiting)
 
-    def add_request(self, request_id: str, prompt: str | list[int],
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     sampling_params: SamplingParams | None = None) -> AsyncIterator[RequestDelta]:
         """Start a request (call it from the event loop); `async for` over the result yields its deltas, the last
-        with `finish_reason` set. Raises ValueError for bad input and QueueFullError when the waiting queue is
+        with `finish_reason` set. `prompt` may be a vLLM-style dict with images (`multi_modal_data`). Raises ValueError for bad input and QueueFullError when the waiting queue is
         full, at the call itself.
         """
         stream = self._submit(request_id, prompt, sampling_params)

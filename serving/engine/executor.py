@@ -27,6 +27,7 @@ class SeqChunk:
     token_ids: list[int]  # a prefill piece (never crossing an attention-chunk boundary) or one decode token
     start_pos: int  # absolute position of token_ids[0]
     need_logits: bool  # True when the last token's logits are needed (decode, or the last prefill piece)
+    mm_embeds: tuple[list[int], torch.Tensor] | None = None  # image rows: (offsets in token_ids, [R, D] embeddings)
 
 
 class Executor(Protocol):
@@ -85,6 +86,10 @@ class LocalExecutor:
                                  f"({self.max_model_len})")
             spans.append((self.slots.slot_for(c.seq_id), c.token_ids, c.start_pos, c.need_logits))
         batch = Batch.build(spans, self.device, self.cfg.attention_chunk_size)
+        if any(c.mm_embeds is not None for c in chunks):
+            from serving.engine.multimodal import attach_image_embeds
+
+            attach_image_embeds(batch, chunks)
         return self.model(batch)
 
     def free(self, seq_id: int) -> None:

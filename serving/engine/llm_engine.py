@@ -41,6 +41,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids or config.eos_token_ids)
         self.scheduler = Scheduler(executor.max_num_seqs, max_num_batched_tokens, config.attention_chunk_size)
+        self.image_support = _image_support(executor, tokenizer)  # None: text-only checkpoint
         self._requests: dict[str, Request] = {}
         self._pending: list[Request] = []  # finished outside a step (abort): reported by the next step
         self._seq_ids = itertools.count()
@@ -90,11 +91,22 @@ class LLMEngine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+    def chat_prompt(self, messages: list[dict]) -> dict:
+        """A prompt dict for chat messages whose content may hold image parts (serving/engine/multimodal.py)."""
+        from serving.engine.multimodal import chat_prompt
+
+        return chat_prompt(self, messages)
+
+    def make_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                      arrival_time: float | None = None) -> Request:
         """Tokenize and validate a request without touching engine state (safe from another thread)."""
         params = params or SamplingParams()
-        if isinstance(prompt, str):
+        images = None
+        if isinstance(prompt, dict):  # vLLM-style {"prompt" | "prompt_token_ids", "multi_modal_data": {"image"}}
+            from serving.engine.multimodal import parse_prompt
+
+            text, ids, images = parse_prompt(self, prompt)
+        elif isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
@@ -117,7 +129,7 @@ class LLMEngine:
                        RequestMetrics(arrival_time or time.time()),
                        IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), gen,
                        logprobs=[] if params.logprobs is not None else None, grammar=grammar,
-                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None, images=images)
 
     @property
     def grammars(self):
@@ -128,7 +140,7 @@ class LLMEngine:
             self._grammars = Grammars(self.tokenizer, self.config.vocab_size, sorted(self.eos_token_ids))
         return self._grammars
 
-    def add_request(self, request_id: str, prompt: str | list[int] | Request,
+    def add_request(self, request_id: str, prompt: str | list[int] | dict | Request,
                     params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
         req = prompt if isinstance(prompt, Request) else self.make_request(request_id, prompt, params, arrival_time)
         if req.request_id in self._requests:
@@ -169,6 +181,9 @@ class LLMEngine:
         for p in pieces:
             if p.request.metrics.first_scheduled_time is None:
                 p.request.metrics.first_scheduled_time = now
+            if p.request.images:  # the vision tower runs here, once per image, when its patches are first due
+                p.chunk.mm_embeds = self.image_support.chunk_embeds(p.request.images, p.chunk.start_pos,
+                                                                    len(p.chunk.token_ids))
         try:
             logits_NV = self.executor.execute([p.chunk for p in pieces])
         except WorkerDiedError as exc:
@@ -350,7 +365,7 @@ class LLMEngine:
     def generate(self, prompts: str | list[str] | list[int] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts to completion; one `RequestOutput` per prompt, in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
@@ -376,6 +391,15 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _image_support(executor, tokenizer):
+    """The image path for a checkpoint with a vision tower, on the text model's device and dtype (else None)."""
+    from serving.engine.multimodal import ImageSupport
+
+    weight = getattr(getattr(executor, "model", None), "embed_tokens", None)
+    dtype, device = (weight.weight.dtype, weight.weight.device) if weight is not None else (torch.float32, "cpu")
+    return ImageSupport.from_pretrained(getattr(tokenizer, "name_or_path", ""), tokenizer, dtype, device)
 
 
 def generation_eos_ids(path: Path, cfg: TextConfig) -> tuple[int, ...]:

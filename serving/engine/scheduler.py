@@ -50,6 +50,7 @@ class Request:
     logprobs: list[PositionLogprobs] | None = None
     grammar: Any = None  # structured.GrammarState when the output is constrained
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # scored prompt tokens (echo requests)
+    images: list | None = None  # multimodal.RequestImage per image: tiles, patch positions, embeddings once made
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
