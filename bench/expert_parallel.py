@@ -35,18 +35,18 @@ def bench_checkpoint() -> Path:
 def decode_tokens_per_s(path: Path, ep: int, threads: int, seqs: int, max_tokens: int,
                         device: str = "cpu") -> tuple[float, float, list]:
     """(generated tokens per wall second, per worker CPU second, the tokens) for one layout."""
-    from llama4.config import TextConfig
+    from serving.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
     from serving.engine import SamplingParams
-    from serving.engine.llm_engine import LLMEngine, generation_eos_ids
+    from serving.engine.llm_engine import LLMEngine
     from serving.expert_parallel.executor import build_ep_executor
-    from transformers import AutoTokenizer
 
-    cfg = TextConfig.from_pretrained(path)
-    ex = build_ep_executor(path, cfg, dtype="float32", device=device, expert_parallel_size=ep, max_num_seqs=seqs,
-                           max_model_len=512, num_cpus_per_worker=1.0 / ep, num_threads_per_worker=threads,
-                           step_timeout_s=300)
-    engine = LLMEngine(ex, AutoTokenizer.from_pretrained(str(path)), cfg, max_model_len=512,
-                       max_num_batched_tokens=4096, eos_token_ids=generation_eos_ids(path, cfg))
+    # Built by hand so that EP=1 also runs in one Ray worker (the engine would run EP=1 in-process).
+    config = EngineConfig(ModelConfig.load(path, dtype="float32", device=device), CacheConfig(512),
+                          SchedulerConfig(seqs, 4096),
+                          ParallelConfig(ep, 1, num_cpus_per_worker=1.0 / ep, num_threads_per_worker=threads,
+                                         step_timeout_s=300))
+    ex = build_ep_executor(config)
+    engine = LLMEngine.from_config(config, ex)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         prompts = [f"Sequence {i}: the herd moves" for i in range(seqs)]

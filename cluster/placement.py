@@ -197,3 +197,28 @@ class PlacementMap:
                 if sorted(slots) != list(range(len(slots))):
                     raise PlacementError(f"layer {layer}: node {node} worker {worker} uses slots {sorted(slots)}; "
                                          f"slots must be 0..{len(slots) - 1} with no gaps")
+
+
+def resolve_placement(placement, moe_layers: list[int], num_experts: int, workers_per_node: int, nodes: int,
+                      redundant: int = 0) -> "PlacementMap":
+    """The placement for a layout: the given map (or one loaded from a JSON path), else the contiguous default.
+
+    The one rule for both the cluster planner and the engine: a given map must be for this layout (nodes x
+    workers per node) and this model (experts, MoE layers); a PlacementError says which and how to fix it.
+    """
+    if placement is None:
+        return PlacementMap.contiguous(list(moe_layers), max(1, num_experts), workers_per_node, nodes,
+                                       redundant=redundant)
+    if isinstance(placement, (str, Path)):
+        placement = PlacementMap.load(placement)
+    want = [workers_per_node] * nodes
+    if (placement.num_experts, list(placement.workers_per_node), placement.moe_layers) != \
+            (num_experts, want, sorted(moe_layers)):
+        other = placement.num_experts != num_experts or placement.moe_layers != sorted(moe_layers)
+        raise PlacementError(
+            f"is for {placement.num_experts} experts on workers {list(placement.workers_per_node)} and MoE layers "
+            f"{placement.moe_layers[:4]}..., but this layout has {num_experts} experts on workers {want} "
+            f"({nodes} nodes x {workers_per_node} workers) and MoE layers {sorted(moe_layers)[:4]}...; "
+            + ("it was planned for another model" if other else "plan the placement for this layout")
+            + " (herd plan --placement-out)")
+    return placement

@@ -207,24 +207,16 @@ def _longest_context(kvt, budget: float) -> int:
 
 
 def _placement(spec: ClusterSpec, cfg: TextConfig) -> tuple[PlacementMap, str]:
-    group, s = spec.serving_group, spec.serving
-    if s.placement_file is None:
-        return PlacementMap.contiguous(list(cfg.moe_layers), max(1, cfg.num_local_experts), group.gpus_per_node,
-                                       s.nodes_per_replica, redundant=s.redundant_experts), "contiguous"
-    from cluster.placement import PlacementError
+    from cluster.placement import PlacementError, resolve_placement
 
+    group, s = spec.serving_group, spec.serving
     try:
-        pm = PlacementMap.load(s.placement_file)
+        pm = resolve_placement(s.placement_file, list(cfg.moe_layers), cfg.num_local_experts, group.gpus_per_node,
+                               s.nodes_per_replica, redundant=s.redundant_experts)
     except (OSError, PlacementError) as e:
-        raise ClusterFileError(f"serving.placement_file: {s.placement_file!r}: {e}; fix the file or remove the key")
-    want = [group.gpus_per_node] * s.nodes_per_replica
-    if (pm.num_experts, list(pm.workers_per_node), pm.moe_layers) != (cfg.num_local_experts, want,
-                                                                      list(cfg.moe_layers)):
-        raise ClusterFileError(
-            f"serving.placement_file: {s.placement_file!r} is for {pm.num_experts} experts on workers {list(pm.workers_per_node)}"
-            f" and MoE layers {pm.moe_layers[:4]}..., but this cluster has {cfg.num_local_experts} experts on workers "
-            f"{want} and MoE layers {list(cfg.moe_layers)[:4]}...; regenerate it with herd plan --placement-out")
-    return pm, s.placement_file
+        raise ClusterFileError(f"serving.placement_file: {s.placement_file!r} {e}; fix the file or remove the "
+                               "key") from None
+    return pm, s.placement_file or "contiguous"
 
 
 def _busiest_worker_copies(pm: PlacementMap) -> int:

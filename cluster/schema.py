@@ -288,17 +288,23 @@ def _check_consistency(spec: ClusterSpec) -> None:
             f"serving.expert_parallel_size: {s.expert_parallel_size} does not match the replica's GPUs "
             f"(serving.nodes_per_replica {s.nodes_per_replica} x node_groups[{gi}].gpus_per_node "
             f"{group.gpus_per_node} = {ep}); set it to {ep} or remove it")
-    slots = cfg.num_local_experts + s.redundant_experts
-    if cfg.num_local_experts and slots % ep:
-        key = "serving.expert_parallel_size" if s.expert_parallel_size is not None else "serving.nodes_per_replica"
-        extra = f" + {s.redundant_experts} redundant copies" if s.redundant_experts else ""
+    # The engine's own layout rules (serving/config.py), named as this file names them.
+    from serving.config import EngineConfigError, LayoutNames, check_layout
+
+    key = "serving.expert_parallel_size" if s.expert_parallel_size is not None else "serving.nodes_per_replica"
+    names = LayoutNames(ep=f"serving.nodes_per_replica x node_groups[{gi}].gpus_per_node",
+                        tp=f"node_groups[{gi}].gpus_per_node",
+                        ep_value=f"{s.nodes_per_replica} x {group.gpus_per_node} = {ep}",
+                        redundant="serving.redundant_experts")
+    try:
+        check_layout(ep, group.gpus_per_node, cfg, redundant_experts=s.redundant_experts, names=names)
+    except EngineConfigError as e:
+        slots = cfg.num_local_experts + s.redundant_experts
+        if "experts" not in str(e):
+            raise ClusterFileError(f"node_groups[{gi}].gpus_per_node: {e}") from None
         good = [n for n in range(1, 2 * s.nodes_per_replica + 2) if slots % (n * group.gpus_per_node) == 0]
-        node_fix = f"use {' or '.join(map(str, good[-3:]))} nodes per replica, or " if good else ""
-        raise ClusterFileError(
-            f"{key}: expert-parallel size {ep} (serving.nodes_per_replica {s.nodes_per_replica} x "
-            f"node_groups[{gi}].gpus_per_node {group.gpus_per_node}) does not divide the model's "
-            f"{cfg.num_local_experts} experts{extra}; {node_fix}set serving.redundant_experts to "
-            f"{s.redundant_experts + (-slots % ep)}")
+        node_fix = f"; or use {' or '.join(map(str, good[-3:]))} nodes per replica" if good else ""
+        raise ClusterFileError(f"{key}: {e}{node_fix}") from None
     if s.max_context_len > cfg.max_position_embeddings:
         raise ClusterFileError(f"serving.max_context_len: {s.max_context_len} exceeds the model's "
                                f"max_position_embeddings {cfg.max_position_embeddings}; lower it")

@@ -138,15 +138,10 @@ def model_deployment_options(a: ServeArgs) -> dict:
     if a.env_vars:  # expert-parallel workers, created by the replica, inherit its runtime_env
         opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(a.env_vars)}
     if a.expert_parallel_size > 1:
-        worker = {"CPU": a.worker_num_cpus}
-        if a.worker_num_gpus:
-            worker["GPU"] = a.worker_num_gpus
-        bundles = [{"CPU": a.replica_num_cpus}]
-        for rank in range(a.expert_parallel_size):
-            b = dict(worker)
-            if a.nodes:  # pin rank r to the node holding its share (node-major ranks, as the group orders them)
-                b[a.nodes[rank // (a.expert_parallel_size // len(a.nodes))]] = 0.001
-            bundles.append(b)
+        # Bundle 0 is the replica; then one per worker, as the engine's worker group expects them (node-major,
+        # pinned to `nodes` when given).
+        workers = a.parallel_config().worker_bundles("cuda" if a.worker_num_gpus else "cpu")
+        bundles = [{"CPU": a.replica_num_cpus}, *workers]
         opts["ray_actor_options"].pop("num_gpus")
         opts["placement_group_bundles"] = bundles
         opts["placement_group_strategy"] = "PACK"
@@ -162,7 +157,11 @@ def build_app(args: dict):
     if a.max_model_len is None:
         if a.model.startswith("s3://"):
             raise UserError("serve args: set max_model_len for an s3:// model (its config is read by the replicas)")
-        a = a.model_copy(update={"max_model_len": _checkpoint_context(a.model)})
+        if cfg is None:
+            raise UserError(f"{a.model}/config.json: cannot read the checkpoint's config; pass a checkpoint folder "
+                            "as `model` or set max_model_len")
+        # The checkpoint's own context, so the ingress can report it without loading weights.
+        a = a.model_copy(update={"max_model_len": cfg.max_position_embeddings})
     if a.lora_adapter:
         _check_adapter(a)
     digests = load_api_keys(a.api_keys_file) if a.api_keys_file else {}
@@ -175,6 +174,11 @@ def _check_adapter(a) -> None:
     """Refuse, before anything starts, an adapter herd cannot merge or a served name the licence forbids: a
     fine-tuned Llama made available to users must be named "Llama..." (Llama 4 Community License, 1.b.i)."""
     from common.errors import UserError
+    cfg = _checkpoint_config(a.model)
+    if cfg is not None:  # the layout's model-dependent rules (same as the engine's), before any replica starts
+        from serving.config import LayoutNames
+
+        a.parallel_config().validate(cfg, "cpu", names=LayoutNames(prefix="serve args: "))
     from licensing import require_llama_prefix
     from serving.lora import LoraAdapter, LoraError
 
@@ -185,18 +189,15 @@ def _check_adapter(a) -> None:
     require_llama_prefix(a.model_name, distributed=True)
 
 
-def _checkpoint_context(model: str) -> int:
-    """The checkpoint's own context length, so the ingress can report it without loading weights."""
-    import json
+def _checkpoint_config(model: str):
+    """The local checkpoint's TextConfig (config.json read once here), or None for s3:// or an unreadable folder."""
     from pathlib import Path
 
-    from common.errors import UserError
+    from serving.config import ModelConfig
 
-    cfg_path = Path(model) / "config.json"
+    if model.startswith("s3://") or not (Path(model) / "config.json").is_file():
+        return None
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except OSError:
-        raise UserError(f"{cfg_path}: cannot read the checkpoint's config; pass a checkpoint folder as `model` "
-                        "or set max_model_len") from None
-    text = cfg.get("text_config", cfg)
-    return int(text.get("max_position_embeddings", 8192))
+        return ModelConfig.load(model).text
+    except ValueError:
+        return None

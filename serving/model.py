@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama4.config import TextConfig
+from serving import moe
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,13 +310,12 @@ class Attention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Mixture of experts
 # ---------------------------------------------------------------------------------------------------------
-FEW_ASSIGNMENTS = 4  # up to this many (token, expert) pairs, skip the sort and index experts one by one
-
 class RoutedExperts(nn.Module):
-    """The routed experts this module holds (`expert_ids`, in slot order), run only on the tokens routed to them.
+    """The routed experts this module holds (`expert_ids`, in slot order), run only on the tokens routed to them
+    (the kernel is serving/moe.py).
 
     Weights keep the released fused layout: gate_up_proj [El, D, 2I] (gate first) and down_proj [El, I, D].
-    Tokens routed to experts not held here contribute zero (expert parallelism sums over holders).
+    Tokens routed to experts not held here contribute zero.
     """
 
     def __init__(self, cfg: TextConfig, expert_ids: list[int] | None = None):
@@ -336,46 +336,8 @@ class RoutedExperts(nn.Module):
         self._holds_all = self.expert_ids == list(range(self.num_experts))
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-        T, K = topk_idx_TK.shape
-        local_A = self.local_of_global[topk_idx_TK.reshape(-1)]  # assignment a = t * K + k
-        weight_A = topk_weight_TK.reshape(-1)
-        if T * K <= FEW_ASSIGNMENTS:
-            return self._few(x_TD, local_A.tolist(), weight_A, K)
-        token_A = torch.arange(T, device=x_TD.device)
-        if K > 1:
-            token_A = token_A.repeat_interleave(K)
-        if not self._holds_all:
-            held = local_A >= 0
-            local_A, token_A, weight_A = local_A[held], token_A[held], weight_A[held]
-        out_TD = torch.zeros_like(x_TD)
-        if local_A.numel() == 0:
-            return out_TD
-        # Sorted dispatch: group assignments by expert, then one pair of matmuls per expert that has tokens.
-        local_A, order_A = torch.sort(local_A, stable=True)
-        token_A, weight_A = token_A[order_A], weight_A[order_A]
-        x_AD = x_TD[token_A] * weight_A[:, None]  # the router score scales the expert input
-        counts_El = torch.bincount(local_A, minlength=len(self.expert_ids))
-        experts = counts_El.nonzero().flatten().tolist()
-        counts = counts_El[experts].tolist()
-        y_AD = torch.empty_like(x_AD)
-        start = 0
-        for e, n in zip(experts, counts):
-            gate_nI, up_nI = (x_AD[start:start + n] @ self.gate_up_proj[e]).chunk(2, dim=-1)
-            y_AD[start:start + n] = (up_nI * F.silu(gate_nI)) @ self.down_proj[e]
-            start += n
-        return out_TD.index_add_(0, token_A, y_AD)
-
-    def _few(self, x_TD: torch.Tensor, local: list[int], weight_A: torch.Tensor, K: int) -> torch.Tensor:
-        """A handful of assignments (decoding one or two sequences): index each expert directly, no sort."""
-        out_TD = torch.zeros_like(x_TD)
-        for a, e in enumerate(local):
-            if e < 0:
-                continue
-            t = a // K
-            x_1D = x_TD[t:t + 1] * weight_A[a:a + 1, None]
-            gate_1I, up_1I = (x_1D @ self.gate_up_proj[e]).chunk(2, dim=-1)
-            out_TD[t:t + 1] += (up_1I * F.silu(gate_1I)) @ self.down_proj[e]
-        return out_TD
+        slot_TK = self.local_of_global[topk_idx_TK]
+        return moe.routed_experts(x_TD, slot_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, self._holds_all)
 
 
 class MoE(nn.Module):
@@ -447,8 +409,8 @@ class Transformer(nn.Module):
         Every `nn.Linear` weight keeps its [out, in] shape but gets [in, out] storage (transposed strides), so
         `F.linear` becomes a plain x @ W product: MKL ran 32-row products of these shapes 2.2x faster that way.
         Measured on CPU only, so other devices are left alone. The routed experts keep the checkpoint's
-        [in, out] layout, already the fast one for their 1-2 row products. Expert and tensor parallelism
-        (serving/expert_parallel/) fill and shard parameters by name and do not call this.
+        [in, out] layout, already the fast one for their 1-2 row products. The loader calls this for every
+        process, expert-parallel workers included, after their share is filled.
         """
         if self.embed_tokens.weight.device.type != "cpu":
             return self

@@ -1,14 +1,14 @@
 """Executors run the model for the engine core: one step = a list of sequence chunks in, next-token logits out.
 
-The engine (scheduler, sampling, detokenization) drives any object with the `Executor` interface. The default,
-`LocalExecutor`, runs `serving.model.Transformer` in this process on one device; the expert-parallel executor
-(`serving.expert_parallel.executor.build_ep_executor`) runs the same model sharded over Ray workers.
+The engine (scheduler, sampling, detokenization) drives any object with the `Executor` interface; which one is
+picked by `serving.build.build_executor`, outside this package. `LocalExecutor` runs `serving.model.Transformer`
+in this process on one device; the expert-parallel executor (serving/expert_parallel/executor.py) runs the same
+model sharded over Ray workers.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -45,6 +45,9 @@ class Executor(Protocol):
     def kv_cache_usage(self) -> float:
         """Fraction of KV slots held, 0..1."""
 
+    def rebuild(self) -> None:
+        """After a `WorkerDiedError`: replace what died and forget every sequence (the engine re-admits them)."""
+
     def shutdown(self) -> None: ...
 
 
@@ -66,14 +69,19 @@ class LocalExecutor:
         log.info(plan.describe())
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, cfg: TextConfig | None = None, dtype: str = "float32",
-                        device: str = "cpu", max_num_seqs: int = 32, max_model_len: int = 4096,
-                        kv_cache_memory_bytes: float | None = None, lora_adapter=None) -> "LocalExecutor":
-        from serving.loader import load_model, resolve_dtype
+    def from_config(cls, config) -> "LocalExecutor":
+        """Load the model named by a `serving.config.EngineConfig` and size its cache."""
+        from serving.loader import load_shard, open_reader, resolve_dtype
 
-        cfg = cfg or TextConfig.from_pretrained(path)
-        plan = plan_kv_cache(cfg, max_model_len, resolve_dtype(dtype), max_num_seqs, kv_cache_memory_bytes)
-        return cls(load_model(path, dtype, device, cfg=cfg, lora_adapter=lora_adapter), plan)
+        m, c = config.model, config.cache
+        plan = plan_kv_cache(m.text, c.max_model_len, resolve_dtype(m.dtype), config.scheduler.max_num_seqs,
+                             c.kv_cache_memory_bytes)
+        reader = open_reader(m.weights_source, lora_adapter=m.lora_adapter)
+        try:
+            model = load_shard(m.text, reader, dtype=m.dtype, device=m.device)
+        finally:
+            reader.close()
+        return cls(model, plan)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         from serving.model import Batch

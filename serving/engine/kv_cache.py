@@ -47,8 +47,14 @@ class KVCachePlan:
 
 
 def plan_kv_cache(cfg: TextConfig, max_model_len: int, dtype: torch.dtype, max_num_seqs: int,
-                  memory_bytes: float | None = None) -> KVCachePlan:
-    """Size the cache: `max_num_seqs` slots, or as many as `memory_bytes` holds when a budget is given."""
+                  memory_bytes: float | None = None, tensor_parallel_size: int | None = None) -> KVCachePlan:
+    """Size the cache: `max_num_seqs` slots, or as many as `memory_bytes` holds when a budget is given.
+
+    tensor_parallel_size: set for an expert-parallel worker (None: the single-process engine). Each of a node's
+    workers keeps 1/tp of the KV heads, so a sequence costs one worker 1/tp of a whole slot, and `memory_bytes`
+    is that worker's budget (the planner's per-GPU figure).
+    """
+    tp = tensor_parallel_size or 1
     if max_model_len < 1:
         raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
     if max_model_len > cfg.max_position_embeddings:
@@ -58,17 +64,19 @@ def plan_kv_cache(cfg: TextConfig, max_model_len: int, dtype: torch.dtype, max_n
         raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
     name = _SIZING_NAMES.get(dtype, "fp32")
     per = kv_bytes_per_token(cfg, name)
-    per_seq = per.sequence_bytes(max_model_len)
+    per_seq = per.sequence_bytes(max_model_len) / tp
     slots = max_num_seqs
     if memory_bytes is not None:
         fit = int(memory_bytes // per_seq)
         if fit < 1:
-            raise ValueError(f"kv_cache_memory_bytes ({int(memory_bytes)}) cannot hold one sequence of "
-                             f"max_model_len={max_model_len} tokens ({int(per_seq)} bytes); raise the budget "
-                             "or lower max_model_len")
+            who = (f", per worker) cannot hold one sequence of max_model_len={max_model_len} tokens ({int(per_seq)} "
+                   f"bytes per worker at tensor_parallel_size={tp}" if tensor_parallel_size else
+                   f") cannot hold one sequence of max_model_len={max_model_len} tokens ({int(per_seq)} bytes")
+            raise ValueError(f"kv_cache_memory_bytes ({int(memory_bytes)}{who}); raise the budget or lower "
+                             "max_model_len")
         slots = min(max_num_seqs, fit)
-    return KVCachePlan(slots, max_model_len, name, per.per_layer, per.chunked_layers, per.global_layers,
-                       per.chunk_size, per_seq)
+    return KVCachePlan(slots, max_model_len, name, per.per_layer / tp, per.chunked_layers,
+                       per.global_layers, per.chunk_size, per_seq)
 
 
 class SlotTable:

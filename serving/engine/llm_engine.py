@@ -27,8 +27,6 @@ from serving.engine.scheduler import Request, RequestStatus, Scheduler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MODEL_LEN = 8192
-
 
 class LLMEngine:
     """Continuous-batching engine over one executor (in-process, or expert-parallel over Ray workers)."""
@@ -48,42 +46,37 @@ class LLMEngine:
         self._gen_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.engine_config = None  # the serving.config.EngineConfig it was built from, if any
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str = "cpu", max_num_seqs: int = 32,
-                        max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                        kv_cache_memory_bytes: float | None = None, expert_parallel_size: int = 1,
-                        tensor_parallel_size: int = 1, placement=None, placement_group=None, nodes=None,
-                        lora_adapter: str | Path | None = None, **executor_kwargs) -> "LLMEngine":
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "LLMEngine":
         """Load a checkpoint folder (Hugging Face layout) and build the engine around it.
 
-        lora_adapter: a PEFT LoRA adapter folder (what `python -m finetune` writes), merged into the weights as
-        they load; with expert parallelism every worker reads it, so it must be on a path all nodes see.
+        Keywords (vLLM's names where vLLM has the concept; all in serving/config.py): dtype, device,
+        max_num_seqs, max_num_batched_tokens, max_model_len, kv_cache_memory_bytes, lora_adapter (a PEFT LoRA
+        folder, merged into the weights as they load), and for expert parallelism expert_parallel_size,
+        tensor_parallel_size, nodes, placement, placement_group, weights, s3_endpoint_url, cache_dir and the
+        workers' resources. An unknown keyword, or one the chosen layout would not use, is an error.
         """
+        from serving.build import build_executor
+        from serving.config import EngineConfig
+
+        config = EngineConfig.from_kwargs(path, **kwargs)
+        return cls.from_config(config, build_executor(config))
+
+    @classmethod
+    def from_config(cls, config, executor) -> "LLMEngine":
+        """The engine for a validated `serving.config.EngineConfig` around an executor built for it."""
         from transformers import AutoTokenizer
 
-        path = Path(path)
-        cfg = TextConfig.from_pretrained(path)
-        max_model_len = max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
-        if expert_parallel_size > 1 or tensor_parallel_size > 1:
-            from serving.expert_parallel.executor import build_ep_executor
-
-            executor = build_ep_executor(
-                path, cfg, dtype=dtype, device=device, expert_parallel_size=expert_parallel_size,
-                tensor_parallel_size=tensor_parallel_size, placement=placement, placement_group=placement_group,
-                nodes=nodes, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                kv_cache_memory_bytes=kv_cache_memory_bytes, lora_adapter=lora_adapter, **executor_kwargs)
-        else:
-            from serving.engine.executor import LocalExecutor
-
-            executor = LocalExecutor.from_pretrained(path, cfg, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
-                                                     max_model_len=max_model_len,
-                                                     kv_cache_memory_bytes=kv_cache_memory_bytes,
-                                                     lora_adapter=lora_adapter)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return cls(executor, tokenizer, cfg, max_model_len=max_model_len,
-                   max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=generation_eos_ids(path, cfg))
+        m = config.model
+        tokenizer = AutoTokenizer.from_pretrained(str(m.path))
+        engine = cls(executor, tokenizer, m.text, max_model_len=config.cache.max_model_len,
+                     max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                     eos_token_ids=generation_eos_ids(m.path, m.text))
+        engine.engine_config = config
+        return engine
 
     # ---- requests --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict]) -> list[int]:

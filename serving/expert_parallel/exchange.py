@@ -7,7 +7,8 @@ Steps, with the collectives each one issues:
 1. dispatch: scale each token's input by its router score (Llama 4 scales the expert INPUT), pick the copy of
    its expert that serves it, sort assignments by (owner worker, slot); all-to-all the per-(worker, slot)
    counts, then the rows themselves (uneven splits).
-2. compute: the received rows, grouped by local slot, through each held expert's SwiGLU.
+2. compute: the received rows, grouped by local slot, through each held expert's SwiGLU (serving/moe.py, the
+   kernel the single-process model uses too).
 3. combine: all-to-all the outputs back along the reversed splits, unsort, sum each token's K outputs.
 
 Legend: T tokens on this worker, D hidden, K experts per token, A = T*K assignments, E logical experts,
@@ -19,7 +20,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from serving import moe
 
 
 @dataclass
@@ -66,13 +68,6 @@ class ExchangeTimes:
     compute: float = 0.0
     combine: float = 0.0
     calls: int = 0
-    rows_sent: int = 0
-
-
-def expert_swiglu(x_ND: torch.Tensor, gate_up_DI2: torch.Tensor, down_ID: torch.Tensor) -> torch.Tensor:
-    """One routed expert on its rows: down(silu(gate(x)) * up(x)), weights in HF [in, out] layout."""
-    gate_NI, up_NI = (x_ND @ gate_up_DI2).chunk(2, dim=-1)
-    return (F.silu(gate_NI) * up_NI) @ down_ID
 
 
 class ExpertExchange:
@@ -122,22 +117,10 @@ class ExpertExchange:
         tm.compute += t2 - t1
         tm.combine += t3 - t2
         tm.calls += 1
-        tm.rows_sent += int(T * K)
         return y_TD
 
     def _compute(self, x_RD: torch.Tensor, slot_R: torch.Tensor) -> torch.Tensor:
-        y_RD = torch.empty_like(x_RD)
-        if x_RD.shape[0] == 0:
-            return y_RD
-        order = torch.argsort(slot_R, stable=True)
-        counts = torch.bincount(slot_R, minlength=len(self.shard.expert_ids)).tolist()
-        start = 0
-        for s, n in enumerate(counts):
-            if n:
-                rows = order[start:start + n]
-                y_RD[rows] = expert_swiglu(x_RD[rows], self.shard.gate_up_SDI2[s], self.shard.down_SID[s])
-                start += n
-        return y_RD
+        return moe.swiglu_by_slot(x_RD, slot_R, self.shard.gate_up_SDI2, self.shard.down_SID)
 
     def _all_to_all(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         """all_to_all_single along dim 0; half-precision rows travel as raw bytes (gloo lacks bf16/int16; exact).

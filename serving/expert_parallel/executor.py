@@ -10,7 +10,6 @@ fails the requests in flight and calls `rebuild()`, which replaces every worker 
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,28 +19,6 @@ import torch
 from serving.expert_parallel.group import ExpertParallelGroup, GroupSpec, WorkerDied
 from serving.expert_parallel.shard_runner import ShardSpec
 from serving.expert_parallel.worker import EPWorker
-
-
-def resolve_placement(placement, cfg, spec: GroupSpec):
-    """A PlacementMap (given, loaded from a JSON path, or the contiguous default), checked against the layout."""
-    from cluster.placement import PlacementMap
-
-    if placement is None:
-        return PlacementMap.contiguous(list(cfg.moe_layers), cfg.num_local_experts, spec.tensor_parallel_size,
-                                       nodes=spec.num_nodes)
-    if isinstance(placement, (str, Path)):
-        placement = PlacementMap.load(placement)
-    want = [spec.tensor_parallel_size] * spec.num_nodes
-    if list(placement.workers_per_node) != want:
-        raise ValueError(f"placement has workers_per_node {list(placement.workers_per_node)} but the group is "
-                         f"{spec.num_nodes} nodes x {spec.tensor_parallel_size} workers ({want}); plan the placement "
-                         f"for expert_parallel_size={spec.expert_parallel_size}, "
-                         f"tensor_parallel_size={spec.tensor_parallel_size}")
-    if placement.num_experts != cfg.num_local_experts or sorted(placement.moe_layers) != sorted(cfg.moe_layers):
-        raise ValueError(f"placement is for {placement.num_experts} experts on layers {placement.moe_layers}, "
-                         f"the model has {cfg.num_local_experts} on {list(cfg.moe_layers)}; it was planned for "
-                         f"another model")
-    return placement
 
 
 class EPExecutor:
@@ -166,93 +143,65 @@ class EPExecutor:
         return self.group.placement
 
 
-def build_ep_executor(path, cfg, dtype: str = "float32", device: str = "cpu", expert_parallel_size: int = 2,
-                      tensor_parallel_size: int = 1, placement=None, placement_group=None, nodes=None,
-                      max_num_seqs: int = 32, max_model_len: int = 4096, kv_cache_memory_bytes=None,
-                      weights: str | None = None, s3_endpoint_url: str | None = None, cache_dir: str | None = None,
-                      num_cpus_per_worker: float = 0.5, num_gpus_per_worker: float | None = None,
-                      num_threads_per_worker: int = 1, step_timeout_s: float = 60.0,
-                      worker_env: dict[str, str] | None = None, counts_sync_interval_s: float = 1.0,
-                      lora_adapter=None) -> EPExecutor:
-    """Start the group on the running Ray cluster (or a local one) and load each worker's share.
+def build_ep_executor(config) -> EPExecutor:
+    """Start the group for a `serving.config.EngineConfig` on the running Ray cluster (or a local one) and load
+    each worker's share. The config was validated when it was built; this only places and loads.
 
-    path: the checkpoint folder the engine reads config and tokenizer from; `weights` (default: path) is where
-    workers read tensors: a folder every node can see, or `s3://bucket/prefix` (byte ranges, node-local cache
-    in `cache_dir`). nodes: custom resource names pinning each node's workers (tests, fixed plans).
-    device: "cpu" (gloo between workers) or "cuda" (one GPU per worker, NCCL; Ray picks each worker's GPU).
-    kv_cache_memory_bytes: the KV-cache budget of EACH worker (each holds its node's cache for its 1/tp of the
-    KV heads), as the cluster planner sizes it per GPU; the slots it holds cap max_num_seqs.
-    lora_adapter: a PEFT LoRA adapter folder every node can read; each worker merges its share as it loads.
-    worker_env: environment variables for the workers (e.g. S3 credentials where nodes have no instance role;
+    Weights: `model.weights` (default: the checkpoint folder) is where workers read tensors: a folder every node
+    can see, or `s3://bucket/prefix` (byte ranges, node-local cache under `model.cache_dir`). The KV budget
+    (`cache.kv_cache_memory_bytes`) is EACH worker's, as the cluster planner sizes it per GPU; the slots it holds
+    cap max_num_seqs. A LoRA adapter must be on a path every node can read; each worker merges its share.
+    `parallel.worker_env` sets the workers' environment (e.g. S3 credentials where nodes have no instance role;
     nothing is copied from the driver's environment implicitly).
     """
     import ray
 
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: expert-parallel workers run on 'cpu' or 'cuda' (Ray gives each "
-                         "worker its own GPU, so name no index)")
-    if num_gpus_per_worker is None:
-        num_gpus_per_worker = 1.0 if device == "cuda" else 0.0
-    if device == "cuda" and num_gpus_per_worker <= 0:
-        raise ValueError("device='cuda' needs num_gpus_per_worker > 0 (1: one GPU per worker), else Ray gives "
-                         "the workers no GPU")
-    if expert_parallel_size < tensor_parallel_size:
-        raise ValueError(f"expert_parallel_size ({expert_parallel_size}) counts every worker of the replica and "
-                         f"tensor_parallel_size ({tensor_parallel_size}) the workers per node: use "
-                         f"expert_parallel_size={tensor_parallel_size} for one node")
-    for what, n in (("num_key_value_heads", cfg.num_key_value_heads), ("intermediate_size", cfg.intermediate_size),
-                    ("intermediate_size_mlp", cfg.intermediate_size_mlp)):
-        if n % tensor_parallel_size:
-            raise ValueError(f"tensor_parallel_size ({tensor_parallel_size}) must divide the model's {what} ({n}): "
-                             f"a node's workers split it evenly; choose a divisor of {n}")
+    from cluster.placement import PlacementError, resolve_placement
+
+    m, par = config.model, config.parallel
+    cfg = m.text
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False)
-    spec = GroupSpec(expert_parallel_size, tensor_parallel_size, nodes=list(nodes) if nodes else None,
-                     num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, placement_group=placement_group,
-                     collective_timeout_s=step_timeout_s, env=dict(worker_env or {}))
+    spec = GroupSpec(par.expert_parallel_size, par.tensor_parallel_size, nodes=list(par.nodes) if par.nodes else None,
+                     num_cpus=par.num_cpus_per_worker, num_gpus=par.gpus_per_worker(m.device),
+                     placement_group=par.placement_group, collective_timeout_s=par.step_timeout_s,
+                     env=dict(par.worker_env), bundles=par.worker_bundles(m.device))
     _check_gpus(spec)
-    if lora_adapter is not None:  # refuse a bad adapter here, not in every worker
+    lora_adapter = None
+    if m.lora_adapter is not None:  # refuse a bad adapter here, not in every worker
         from serving.lora import LoraAdapter
 
-        lora_adapter = str(Path(lora_adapter).resolve())
+        lora_adapter = str(Path(m.lora_adapter).resolve())
         LoraAdapter.load(lora_adapter)
-    placement = resolve_placement(placement, cfg, spec)
-    raw_config = json.loads((Path(path) / "config.json").read_text())
-    slots_per_node = node_slots(cfg, dtype, max_model_len, max_num_seqs, spec, kv_cache_memory_bytes)
-    max_num_seqs = min(max_num_seqs, slots_per_node * spec.num_nodes)
-    shard_spec = ShardSpec(str(weights or path), raw_config, dtype, placement.to_json(), slots_per_node,
-                           max_model_len, s3_endpoint_url, cache_dir or str(Path(tempfile.gettempdir()) / "herd-s3"),
-                           lora_adapter)
-    group = ExpertParallelGroup(spec, EPWorker, {"num_threads": num_threads_per_worker, "device": device}).start()
     try:
-        return EPExecutor(group, shard_spec, max_num_seqs, max_model_len, step_timeout_s=step_timeout_s,
-                          counts_sync_interval_s=counts_sync_interval_s)
+        placement = resolve_placement(par.placement, list(cfg.moe_layers), cfg.num_local_experts,
+                                      par.tensor_parallel_size, par.num_nodes)
+    except PlacementError as e:
+        raise PlacementError(f"placement {e}") from None
+    slots_per_node = node_slots(config)
+    max_num_seqs = min(config.scheduler.max_num_seqs, slots_per_node * spec.num_nodes)
+    shard_spec = ShardSpec(m.weights_source, m.raw, m.dtype, placement.to_json(), slots_per_node,
+                           config.cache.max_model_len, m.s3_endpoint_url,
+                           m.cache_dir or str(Path(tempfile.gettempdir()) / "herd-s3"), lora_adapter)
+    group = ExpertParallelGroup(spec, EPWorker, {"num_threads": par.num_threads_per_worker, "device": m.device}).start()
+    try:
+        return EPExecutor(group, shard_spec, max_num_seqs, config.cache.max_model_len,
+                          step_timeout_s=par.step_timeout_s, counts_sync_interval_s=par.counts_sync_interval_s)
     except BaseException:
         group.shutdown()
         raise
 
 
-def node_slots(cfg, dtype: str, max_model_len: int, max_num_seqs: int, spec: GroupSpec,
-               kv_cache_memory_bytes: float | None = None) -> int:
-    """KV-cache slots per node: max_num_seqs spread over the nodes, capped by what a worker's budget holds.
-
-    A node's sequences live in its own cache, each of its `tp` workers holding 1/tp of the KV heads, so one
-    sequence costs a worker 1/tp of what it costs the single-process engine.
-    """
+def node_slots(config) -> int:
+    """KV-cache slots per node: max_num_seqs spread over the nodes, capped by what a worker's budget holds (a
+    node's sequences live in its own cache, each of its workers holding 1/tp of the KV heads)."""
     from serving.engine.kv_cache import plan_kv_cache
     from serving.loader import resolve_dtype
 
-    slots = -(-max_num_seqs // spec.num_nodes)
-    per_seq = plan_kv_cache(cfg, max_model_len, resolve_dtype(dtype), 1).bytes_per_sequence / spec.tensor_parallel_size
-    if kv_cache_memory_bytes is not None:
-        fit = int(kv_cache_memory_bytes // per_seq)
-        if fit < 1:
-            raise ValueError(f"kv_cache_memory_bytes ({int(kv_cache_memory_bytes)}, per worker) cannot hold one "
-                             f"sequence of max_model_len={max_model_len} tokens ({int(per_seq)} bytes per worker "
-                             f"at tensor_parallel_size={spec.tensor_parallel_size}); raise the budget or lower "
-                             "max_model_len")
-        slots = min(slots, fit)
-    return slots
+    par = config.parallel
+    return plan_kv_cache(config.model.text, config.cache.max_model_len, resolve_dtype(config.model.dtype),
+                         -(-config.scheduler.max_num_seqs // par.num_nodes), config.cache.kv_cache_memory_bytes,
+                         tensor_parallel_size=par.tensor_parallel_size).num_slots
 
 
 def _check_gpus(spec: GroupSpec) -> None:

@@ -35,17 +35,13 @@ class GroupSpec:
     ready_timeout_s: float = 180.0  # reserving bundles and starting workers (a loaded host starts them slowly)
     collective_timeout_s: float = 60.0
     env: dict[str, str] = field(default_factory=dict)
+    bundles: list[dict] | None = None  # one per worker (serving.config.ParallelConfig.worker_bundles), rank order
 
     def __post_init__(self) -> None:
-        ep, tp = self.expert_parallel_size, self.tensor_parallel_size
-        if ep < 1 or tp < 1:
-            raise ValueError(f"expert_parallel_size ({ep}) and tensor_parallel_size ({tp}) must be >= 1")
-        if ep % tp:
-            raise ValueError(f"expert_parallel_size ({ep}) must be a multiple of tensor_parallel_size ({tp}), "
-                             f"the workers per node: each node holds the same number of workers")
-        if self.nodes is not None and len(self.nodes) != self.num_nodes:
-            raise ValueError(f"nodes lists {len(self.nodes)} nodes but expert_parallel_size / "
-                             f"tensor_parallel_size = {ep} / {tp} = {self.num_nodes}; list one entry per node")
+        from serving.config import check_layout
+
+        check_layout(self.expert_parallel_size, self.tensor_parallel_size,
+                     num_nodes_listed=len(self.nodes) if self.nodes is not None else None, redundant_experts=None)
 
     @property
     def num_nodes(self) -> int:
@@ -182,14 +178,14 @@ class ExpertParallelGroup:
                                  f"needs {n} (one per worker), plus one for the caller if it sits in it")
             self._bundles = list(range(total - n, total))
         elif self._pg is None:
-            bundles = []
-            for rank in range(n):
-                b = {"CPU": s.num_cpus}
-                if s.num_gpus:
-                    b["GPU"] = s.num_gpus
-                if s.nodes:
-                    b[s.nodes[s.node_of(rank)]] = 0.001
-                bundles.append(b)
+            if s.bundles is None:
+                from serving.config import ParallelConfig
+
+                par = ParallelConfig(n, s.tensor_parallel_size, tuple(s.nodes) if s.nodes else None,
+                                     num_cpus_per_worker=s.num_cpus, num_gpus_per_worker=s.num_gpus)
+                bundles = par.worker_bundles("cuda" if s.num_gpus else "cpu")
+            else:
+                bundles = s.bundles
             self._pg = placement_group(bundles, strategy="PACK", name=f"herd-ep-{id(self):x}")
             self._own_pg = True
             self._bundles = list(range(n))

@@ -12,7 +12,9 @@ import statistics
 
 import torch
 
-from serving.expert_parallel.exchange import ExpertExchange, ExpertShard, LayerRoute, expert_swiglu
+import torch.nn.functional as F
+
+from serving.expert_parallel.exchange import ExpertExchange, ExpertShard, LayerRoute
 
 
 def expert_weights(e: int, D: int, I: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,12 +33,14 @@ def worker_tokens(rank: int, T: int, D: int, E: int, K: int, seed: int):
 
 
 def reference(x_TD, idx_TK, scale_TK, D: int, I: int, seed: int) -> torch.Tensor:
-    """What one process holding every expert computes for these tokens."""
+    """What one process holding every expert computes for these tokens, token by token (independent of the
+    grouped kernel in serving/moe.py, which the exchange runs)."""
     y_TD = torch.zeros_like(x_TD)
     for t in range(x_TD.shape[0]):
         for k in range(idx_TK.shape[1]):
             gu, dn = expert_weights(int(idx_TK[t, k]), D, I, seed)
-            y_TD[t] += expert_swiglu(x_TD[t:t + 1] * scale_TK[t, k], gu, dn)[0]
+            gate_1I, up_1I = (x_TD[t:t + 1] * scale_TK[t, k] @ gu).chunk(2, dim=-1)
+            y_TD[t] += ((F.silu(gate_1I) * up_1I) @ dn)[0]
     return y_TD
 
 

@@ -1,10 +1,10 @@
 """What runs inside one expert-parallel worker: its model shard, its node's KV cache, its steps.
 
-Loading: the model is built on the meta device with only this worker's experts in each MoE layer (the placement
-map says which) and the node's tensor parallelism applied, then filled with just that share, read through
-`llama4.checkpoint.CheckpointReader` from a folder or `S3Checkpoint` from `s3://` (byte ranges into the
-node-local cache), so a worker never holds more than its share plus one tensor. Every `RoutedExperts` module is
-then swapped for `ParallelExperts`, which sends tokens to their experts' owners all-to-all.
+Loading: the engine's one shard loader (`serving.loader.load_shard`) builds the model with only this worker's
+experts in each MoE layer (the placement map says which) and the node's tensor parallelism applied, then fills
+just that share from a folder or from `s3://` (byte ranges into the node-local cache), so a worker never holds
+more than its share plus one tensor. Every `RoutedExperts` module is then swapped for `ParallelExperts`, which
+sends tokens to their experts' owners all-to-all.
 
 Stepping: all workers of a node receive the node's sequence chunks (attention is data-parallel across nodes);
 a node with no work still joins every MoE layer's all-to-all with zero tokens, so the collectives line up.
@@ -60,29 +60,18 @@ class ParallelExperts(nn.Module):
         return y_TD
 
 
-def open_reader(spec: ShardSpec):
-    """A CheckpointReader for a folder, or an S3Checkpoint caching into this node's own subfolder; with an
-    adapter, wrapped so that every tensor read comes back merged."""
-    reader = _open_checkpoint(spec)
-    if spec.lora_adapter is None:
-        return reader
-    from serving.lora import LoraAdapter, MergedReader
+def open_shard_reader(spec: ShardSpec):
+    """The loader's reader for this worker: the folder, or S3 caching into this node's own subfolder."""
+    from serving.loader import open_reader
 
-    return MergedReader(reader, LoraAdapter.load(spec.lora_adapter))
-
-
-def _open_checkpoint(spec: ShardSpec):
+    cache_dir = None
     if spec.path.startswith("s3://"):
         import ray
 
-        from serving.expert_parallel.s3 import S3Checkpoint
-
         base = Path(spec.cache_dir or Path.home() / ".cache" / "herd" / "s3")
-        return S3Checkpoint(spec.path, base / ray.get_runtime_context().get_node_id()[:16],
-                            endpoint_url=spec.s3_endpoint_url)
-    from llama4.checkpoint import CheckpointReader
-
-    return CheckpointReader(spec.path)
+        cache_dir = base / ray.get_runtime_context().get_node_id()[:16]
+    return open_reader(spec.path, lora_adapter=spec.lora_adapter, s3_endpoint_url=spec.s3_endpoint_url,
+                       cache_dir=cache_dir)
 
 
 class ShardRunner:
@@ -94,22 +83,17 @@ class ShardRunner:
         from serving.engine.executor import LocalExecutor
         from serving.engine.kv_cache import plan_kv_cache
         from serving.expert_parallel.tensor_parallel import apply_tensor_parallel
-        from serving.loader import resolve_dtype
+        from serving.loader import load_shard, resolve_dtype
 
         self.worker = worker
         cfg = TextConfig.from_dict(spec.config)
         placement = PlacementMap.from_json(spec.placement_json)
-        reader = open_reader(spec)
-        try:
-            model = _meta_model(cfg, lambda layer: placement.experts_on(worker.rank, layer))
-            apply_tensor_parallel(model, worker.tp_rank, worker.tp_size, worker.tp_group)  # shapes, hooks, tags
-            model = model.to(resolve_dtype(spec.dtype)).to_empty(device=worker.device)
-            _load_params(model, reader, cfg)
-            if spec.lora_adapter is not None:
-                reader.check_all_merged()
-            model.reset_buffers()
-            model.optimize_for_inference()  # the single-process engine's dense-weight layout (same values)
-            model.eval().requires_grad_(False)
+        reader = open_shard_reader(spec)
+        try:  # the engine's own loader: only this worker's experts and tensor-parallel share are read
+            model = load_shard(cfg, reader, dtype=spec.dtype, device=worker.device,
+                               expert_ids=lambda layer: placement.experts_on(worker.rank, layer),
+                               shard=lambda m: apply_tensor_parallel(m, worker.tp_rank, worker.tp_size,
+                                                                     worker.tp_group))
         finally:
             self.bytes_fetched = getattr(reader, "bytes_fetched", 0)
             reader.close()
@@ -127,7 +111,8 @@ class ShardRunner:
                 self.exchanges.append(ex)
         self.model = model
         self.dtype = resolve_dtype(spec.dtype)
-        plan = plan_kv_cache(cfg, spec.max_model_len, self.dtype, spec.slots_per_node)
+        plan = plan_kv_cache(cfg, spec.max_model_len, self.dtype, spec.slots_per_node,
+                             tensor_parallel_size=worker.tp_size)
         self.local = LocalExecutor(model, plan)
         self.kv_bytes = sum(t.numel() * t.element_size() for layer in model.layers
                             for t in (layer.self_attn.cache_k, layer.self_attn.cache_v))  # this worker's heads only
@@ -166,48 +151,3 @@ class ShardRunner:
     def exchange_times(self) -> dict:
         t = self.times
         return {"dispatch_s": t.dispatch, "compute_s": t.compute, "combine_s": t.combine, "calls": t.calls}
-
-
-def _meta_model(cfg, expert_ids) -> nn.Module:
-    """The model on the meta device, holding in each MoE layer only the experts `expert_ids(layer)`."""
-    from serving.model import RoutedExperts, Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-        for i, layer in enumerate(model.layers):
-            if layer.is_moe:
-                layer.feed_forward.experts = RoutedExperts(cfg, expert_ids(i))
-    return model
-
-
-def _load_params(model: nn.Module, reader, cfg) -> None:
-    """Fill every parameter with only its share: held experts' rows, a TP shard's rows (or columns), the rest whole.
-
-    Row shards are read as row ranges (from S3: one byte range each); column shards read the tensor, then slice.
-    """
-    from llama4.checkpoint import CheckpointError
-    from serving.model import RoutedExperts
-
-    for name, param in model.named_parameters():
-        owner_name, _, _ = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        ckpt = name if name.startswith("lm_head.") else "model." + name
-        if ckpt == "lm_head.weight" and not reader.has(ckpt) and cfg.tie_word_embeddings:
-            ckpt = "model.embed_tokens.weight"
-        if not reader.has(ckpt):
-            raise CheckpointError(f"tensor {reader.full_name(ckpt)!r} is missing from {reader.path}; "
-                                  "is config.json the one that came with these weights?")
-        shard = getattr(owner, "tp_shard", None)  # (dim, start, stop) of the checkpoint tensor, see tensor_parallel
-        if isinstance(owner, RoutedExperts):
-            tensor = reader.get_rows(ckpt, owner.expert_ids)
-        elif shard is not None and shard[0] == 0:
-            tensor = reader.get_rows(ckpt, range(shard[1], shard[2]))
-        elif shard is not None:
-            tensor = reader.get(ckpt)[:, shard[1]:shard[2]]
-        else:
-            tensor = reader.get(ckpt)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(f"tensor {reader.full_name(ckpt)!r} gives shape {tuple(tensor.shape)} but this "
-                                  f"worker's shard of the model is {tuple(param.shape)}; config and weights disagree")
-        with torch.no_grad():
-            param.copy_(tensor)

@@ -2,7 +2,8 @@
 
 Each of a node's `tp` workers keeps only its share of the non-expert weights and the model gets the collectives
 it then needs, as forward hooks; model.py itself knows nothing about it. Applied to the model on the meta device
-before loading, it also tags each sharded Linear (`tp_shard = (dim, rank)`) so the loader reads only that share.
+before loading, it also tags each sharded Linear with `tp_shard = (dim, start, stop)`, the rows (dim 0) or
+columns (dim 1) of the checkpoint tensor it keeps, so the loader (serving/loader.py) reads only that share.
 - Attention: q/k/v projections keep this rank's heads (rows), o_proj the matching input columns; o_proj's
   partial output is all-reduced. Query head h reads kv head h // G, so contiguous head blocks stay aligned.
 - Dense MLP and shared expert: gate/up keep a block of the hidden units (rows), down the matching columns.
@@ -18,12 +19,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def _check_divisible(what: str, n: int, tp: int) -> None:
-    if n % tp:
-        raise ValueError(f"tensor_parallel_size ({tp}) must divide the model's {what} ({n}); "
-                         f"choose a tensor_parallel_size that divides it")
 
 
 def vocab_block(vocab_size: int, rank: int, tp: int) -> tuple[int, int]:
@@ -103,14 +98,12 @@ def _all_reduce_output(module: nn.Module, group) -> None:
 
 
 def shard_swiglu(mlp: nn.Module, rank: int, tp: int) -> None:
-    _check_divisible("MLP hidden size", mlp.gate_proj.out_features, tp)
     _shard_rows(mlp.gate_proj, rank, tp)
     _shard_rows(mlp.up_proj, rank, tp)
     _shard_cols(mlp.down_proj, rank, tp)
 
 
 def shard_attention(attn: nn.Module, rank: int, tp: int) -> None:
-    _check_divisible("number of key/value heads", attn.n_kv_heads, tp)
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
         _shard_rows(proj, rank, tp)
     _shard_cols(attn.o_proj, rank, tp)
@@ -119,7 +112,8 @@ def shard_attention(attn: nn.Module, rank: int, tp: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, rank: int, tp: int, group) -> None:
-    """Shard every layer's attention and MLPs over the `tp` ranks of `group`; adds the all-reduces."""
+    """Shard every layer's attention and MLPs over the `tp` ranks of `group`; adds the all-reduces. The layout
+    was checked once (serving.config.check_layout: tp divides the heads and hidden sizes)."""
     if tp == 1:
         return
     V = model.embed_tokens.num_embeddings
@@ -136,6 +130,3 @@ def apply_tensor_parallel(model: nn.Module, rank: int, tp: int, group) -> None:
             shard_swiglu(layer.feed_forward, rank, tp)
             _all_reduce_output(layer.feed_forward.down_proj, group)
 
-
-def parameter_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())

@@ -170,7 +170,7 @@ def test_a_placement_file_for_another_layout_is_refused(cluster_doc, tmp_path):
     with pytest.raises(ClusterFileError) as e:
         _render(cluster_doc, "serve", placement_file=placement, **BF16_2X8)
     assert str(e.value).startswith(f"serving.placement_file: {placement!r} is for 128 experts on workers [8] and MoE "
-                                   "layers [1, 3, 5, 7]..., but this cluster has 128 experts on workers [8, 8]")
+                                   "layers [1, 3, 5, 7]..., but this layout has 128 experts on workers [8, 8]")
 
 
 def test_serve_needs_a_checkpoint_not_just_a_preset(cluster_doc):

@@ -76,15 +76,25 @@ def test_expert_parallel_size_must_match_replica_gpus(cluster_doc):
 
 
 def test_expert_parallel_size_must_divide_experts(cluster_doc):
+    """The engine's own layout rule (serving.config.check_layout), in this file's field names."""
     doc = cluster_doc(count=3, nodes_per_replica=3)
-    assert _error(doc) == ("c.yaml: serving.nodes_per_replica: expert-parallel size 24 (serving.nodes_per_replica 3"
-                           " x node_groups[0].gpus_per_node 8) does not divide the model's 128 experts; use 1 or 2 "
-                           "or 4 nodes per replica, or set serving.redundant_experts to 16")
-    doc = cluster_doc(preset="scout", gpus=6, expert_parallel_size=6)
-    assert "serving.expert_parallel_size: expert-parallel size 6" in _error(doc)
-    assert "16 experts; " in _error(doc)
+    assert _error(doc) == ("c.yaml: serving.nodes_per_replica: serving.nodes_per_replica x node_groups[0].gpus_per_node "
+                           "(3 x 8 = 24) does not divide the model's 128 experts: every worker holds the same number "
+                           "of expert slots; set serving.redundant_experts to 16; or use 1 or 2 or 4 nodes per replica")
+    doc = cluster_doc(preset="scout", gpus=2, count=3, nodes_per_replica=3, expert_parallel_size=6)
+    assert "serving.expert_parallel_size: serving.nodes_per_replica x node_groups[0].gpus_per_node (3 x 2 = 6)" \
+        in _error(doc)
+    assert "16 experts: " in _error(doc)
     # redundant copies make it divide: 128 + 16 = 144 = 6 x 24
     parse_cluster(cluster_doc(count=3, nodes_per_replica=3, redundant_experts=16), "c.yaml")
+
+
+def test_gpus_per_node_must_split_the_models_heads(cluster_doc):
+    """Six GPUs per node cannot split Scout's 8 key/value heads: the engine would refuse it, so the file is."""
+    doc = cluster_doc(preset="scout", gpus=6, expert_parallel_size=6)
+    assert _error(doc) == ("c.yaml: node_groups[0].gpus_per_node: node_groups[0].gpus_per_node (6) must divide the "
+                           "model's num_key_value_heads (8): a node's workers split it evenly; choose a divisor of 8 "
+                           "(1, 2, 4, 8)")
 
 
 def test_missing_and_cross_field_errors(cluster_doc):
@@ -126,7 +136,7 @@ def _checkpoint_dir(tmp_path, preset):
 
 def test_shape_from_checkpoint_config_and_mismatch(cluster_doc, tmp_path):
     ckpt = _checkpoint_dir(tmp_path, "maverick-tiny")
-    doc = cluster_doc()
+    doc = cluster_doc(gpus=2)  # maverick-tiny has 2 key/value heads: at most 2 workers per node
     doc["model"] = {"checkpoint": ckpt}
     spec = parse_cluster(doc)
     assert spec.text_config.num_local_experts == 128

@@ -106,8 +106,8 @@ def test_tensor_parallel_shard_loads_only_its_rows_from_s3(s3_ckpt, maverick_tin
     """A TP worker's model is built sharded on the meta device and filled with just its rows (byte ranges)."""
     from cluster.placement import PlacementMap
     from llama4.config import TextConfig
-    from serving.expert_parallel.shard_runner import _load_params, _meta_model
     from serving.expert_parallel.tensor_parallel import apply_tensor_parallel
+    from serving.loader import load_shard
 
     url, endpoint = s3_ckpt
     cfg = TextConfig.from_pretrained(maverick_tiny)
@@ -115,11 +115,10 @@ def test_tensor_parallel_shard_loads_only_its_rows_from_s3(s3_ckpt, maverick_tin
     local = CheckpointReader(maverick_tiny)
     fetched = {}
     for tp, rank in ((1, 0), (2, 1)):
-        model = _meta_model(cfg, lambda layer: placement.experts_on(rank, layer))
-        apply_tensor_parallel(model, rank, tp, group=None)  # hooks only run in forward
-        model = model.to(torch.float32).to_empty(device="cpu")
         reader = S3Checkpoint(url, cache_dir=tmp_path / f"tp{tp}", endpoint_url=endpoint)
-        _load_params(model, reader, cfg)
+        model = load_shard(cfg, reader, expert_ids=lambda layer: placement.experts_on(rank, layer),
+                           shard=lambda m: apply_tensor_parallel(m, rank, tp, group=None),  # hooks run in forward
+                           optimize=False)
         fetched[tp] = reader.bytes_fetched
         attn = model.layers[0].self_attn
         q = local.get("model.layers.0.self_attn.q_proj.weight").float()
