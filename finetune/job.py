@@ -26,8 +26,8 @@ def worker_env(job) -> dict[str, str]:
            "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if job.resources.gpus_per_worker == 0:
         env["DS_ACCELERATOR"] = "cpu"
-    if "HERD_CACHE" in os.environ:
-        env["HERD_CACHE"] = os.environ["HERD_CACHE"]
+    if "HERD_CACHE_DIR" in os.environ:  # herd's cache root (serving/expert_parallel/s3.py cache_root)
+        env["HERD_CACHE_DIR"] = os.environ["HERD_CACHE_DIR"]
     return env
 
 

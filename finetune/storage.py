@@ -87,7 +87,11 @@ def fetch_dir(uri: str, s3: S3Settings, names: tuple[str, ...] | None = None,
 
     if not is_s3(uri):
         return Path(uri).expanduser().resolve()
-    root = Path(cache_root or os.environ.get("HERD_CACHE", Path(tempfile.gettempdir()) / "herd-cache"))
+    if cache_root is None:  # herd's one private cache root (not a shared /tmp path another user could plant files in)
+        from serving.expert_parallel.s3 import cache_root as herd_cache_root
+
+        cache_root = herd_cache_root() / "finetune"
+    root = Path(cache_root)
     key = hashlib.sha256(f"{s3.endpoint_url}|{uri}|{names}".encode()).hexdigest()[:16]
     final = root / "fetched" / key
     if (final / ".complete").exists():

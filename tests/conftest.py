@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # DeepSpeed's CPU ops compile once per machine into this ignored folder, then are reused.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_REPO, ".cache", "torch_extensions"))
+# herd's own node-local caches (S3 byte ranges, fetched fine-tune inputs) go here too, never to ~/.cache/herd.
+os.environ.setdefault("HERD_CACHE_DIR", os.path.join(_REPO, ".cache", "herd"))
 
 import socket
 import subprocess

@@ -268,12 +268,10 @@ def _build_engine(a):
     if path.startswith("s3://"):
         # The engine reads config and tokenizer from a folder; expert-parallel workers read their weights from S3
         # by byte range.
-        import tempfile
+        from serving.expert_parallel.s3 import S3Checkpoint, cache_root, source_key
 
-        from serving.expert_parallel.s3 import S3Checkpoint
-
-        cache = os.path.join(tempfile.gettempdir(), "herd-s3")
-        meta = os.path.join(cache, "meta", path[len("s3://"):].replace("/", "_"))
+        cache = str(cache_root() / "s3")  # private to this user; ranges keyed by source and ETag inside
+        meta = os.path.join(cache, "meta", source_key(a.model, a.s3_endpoint_url))
         remote = S3Checkpoint(a.model, cache, endpoint_url=a.s3_endpoint_url)
         if a.expert_parallel_size > 1 or a.tensor_parallel_size > 1:
             path = str(remote.download_metadata(meta))

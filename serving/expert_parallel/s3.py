@@ -6,7 +6,10 @@ length and a JSON header giving every tensor's dtype, shape and byte offsets, so
 then exactly the byte ranges of the tensors (or expert rows) it needs with `GetObject(Range=...)`.
 
 Fetched ranges are written to a cache folder on the node's local disk, one file per range, under a file lock, so
-the workers of one node fetch a range once and a restarted worker reads it from disk. `S3Checkpoint` offers the
+the workers of one node fetch a range once and a restarted worker reads it from disk. The cache is keyed by the
+source (endpoint, bucket, prefix) and each object's ETag, so a shard replaced in the bucket is fetched again; a
+cached range of the wrong size is fetched again; shard names from index.json must be plain file names (a bucket
+writer cannot make a node write outside the cache). Caches live under one private root, `cache_root()`. `S3Checkpoint` offers the
 same reading interface as `llama4.checkpoint.CheckpointReader` (`has`, `get`, `get_rows`, `names`), so the
 loader does not care where the bytes come from; `bytes_fetched` counts what came over the network.
 """
@@ -32,6 +35,50 @@ _DTYPES = {
 }
 # Files besides the weights that a loader needs on the driver (config, tokenizer, chat template).
 _METADATA_SUFFIXES = (".json", ".jinja", ".model", ".txt")
+
+
+class CacheRootError(RuntimeError):
+    """The herd cache root cannot be used safely (not a folder, not ours, writable by other users)."""
+
+
+def cache_root() -> Path:
+    """herd's node-local cache folder: $HERD_CACHE_DIR, else $XDG_CACHE_HOME/herd, else ~/.cache/herd.
+
+    Created private (0700). A root another user could write to (a shared /tmp path, say) is refused: whoever can
+    write there could plant the weights a replica loads."""
+    env = os.environ.get("HERD_CACHE_DIR")
+    if env:
+        root = Path(env)
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "herd"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = root.stat()
+    if not root.is_dir():
+        raise CacheRootError(f"herd cache root {root} is not a folder; set HERD_CACHE_DIR to a private folder")
+    if st.st_uid != os.getuid():
+        raise CacheRootError(f"herd cache root {root} belongs to another user (uid {st.st_uid}); set HERD_CACHE_DIR "
+                             "to a folder of your own")
+    if st.st_mode & 0o022:
+        raise CacheRootError(f"herd cache root {root} is writable by other users (mode {st.st_mode & 0o777:o}); "
+                             f"run `chmod 700 {root}` or set HERD_CACHE_DIR to a private folder")
+    return root
+
+
+def source_key(url: str, endpoint_url: str | None = None) -> str:
+    """A short, file-name-safe key for one checkpoint source (endpoint + s3 URL), for cache folder names."""
+    import hashlib
+
+    return hashlib.sha256(f"{endpoint_url or ''}|{url}".encode()).hexdigest()[:24]
+
+
+def _check_shard_name(shard, url: str) -> str:
+    """A shard named in index.json must be a plain file name, so joining it to a folder stays in that folder."""
+    ok = (isinstance(shard, str) and shard and "/" not in shard and "\\" not in shard and "\0" not in shard
+          and not shard.startswith(".") and shard.endswith(".safetensors") and len(shard) <= 255)
+    if not ok:
+        raise CheckpointError(f"{url}/{INDEX_FILE}: weight_map names the shard {str(shard)[:80]!r}; shard names must be "
+                              "plain '*.safetensors' file names in the checkpoint's folder")
+    return shard
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -75,6 +122,10 @@ class S3Checkpoint:
         self._s3 = boto3.client("s3", endpoint_url=endpoint_url)
         self.bytes_fetched = 0
         self.weight_map: dict[str, str] = json.loads(self._read_object(INDEX_FILE))["weight_map"]
+        for shard in set(self.weight_map.values()):
+            _check_shard_name(shard, url)
+        self._source = source_key(url, endpoint_url)
+        self._etags: dict[str, tuple[str, int]] = {}
         self.prefix = "language_model." if any(k.startswith("language_model.") for k in self.weight_map) else ""
         self._headers: dict[str, dict[str, TensorEntry]] = {}
 
@@ -138,12 +189,19 @@ class S3Checkpoint:
         """
         dest = self.download_metadata(dest)
         for shard in sorted(set(self.weight_map.values())):
-            target = dest / shard
-            if target.exists():
+            target = dest / _check_shard_name(shard, self.url)
+            etag, size = self._object_version(shard)
+            stamp = target.with_name(f".{shard}.etag")
+            if target.exists() and target.stat().st_size == size and stamp.exists() and stamp.read_text() == etag:
                 continue
             tmp = target.with_suffix(".partial")
-            tmp.write_bytes(self._read_object(shard))
+            data = self._read_object(shard)
+            if len(data) != size:
+                raise CheckpointError(f"s3://{self.bucket}/{self._key(shard)}: read {len(data)} bytes, the object "
+                                      f"has {size}")
+            tmp.write_bytes(data)
             tmp.replace(target)
+            stamp.write_text(etag)
         return dest
 
     # ---- bytes ---------------------------------------------------------------------------------------------
@@ -172,18 +230,41 @@ class S3Checkpoint:
             }
         return self._headers[file]
 
+    def _object_version(self, file: str) -> tuple[str, int]:
+        """(ETag, size) of one object, asked once per reader: the cache key of its bytes."""
+        if file not in self._etags:
+            from botocore.exceptions import ClientError
+
+            try:
+                head = self._s3.head_object(Bucket=self.bucket, Key=self._key(file))
+            except ClientError as err:
+                raise CheckpointError(f"cannot read s3://{self.bucket}/{self._key(file)}: {err}") from None
+            etag = "".join(c for c in head.get("ETag", "") if c.isalnum())[:64] or "none"
+            self._etags[file] = (etag, int(head["ContentLength"]))
+        return self._etags[file]
+
+    def _cached(self, path: Path, size: int) -> bytes | None:
+        if path.exists():
+            data = path.read_bytes()
+            if len(data) == size:
+                return data
+        return None
+
     def _range(self, file: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a file: from the node-local cache, else fetched once under a lock."""
         if end <= start:
             return b""
-        path = self.cache_dir / self.bucket / self._key(file).replace("/", "__") / f"{start}-{end}"
-        if path.exists():
-            return path.read_bytes()
+        etag, _ = self._object_version(_check_shard_name(file, self.url))
+        path = self.cache_dir / self._source / f"{file}@{etag}" / f"{start}-{end}"
+        data = self._cached(path, end - start)
+        if data is not None:
+            return data
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another worker of this node may be fetching the same range
-            if path.exists():
-                return path.read_bytes()
+            data = self._cached(path, end - start)
+            if data is not None:
+                return data
             resp = self._s3.get_object(Bucket=self.bucket, Key=self._key(file), Range=f"bytes={start}-{end - 1}")
             data = resp["Body"].read()
             if len(data) != end - start:

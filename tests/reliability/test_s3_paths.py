@@ -25,7 +25,6 @@ def _upload_checkpoint(s3, bucket: str, prefix: str, weight_map: dict, tensors: 
         s3.put_object(Bucket=bucket, Key=f"{prefix}/{shard}", Body=save(tensors))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 8")
 @pytest.mark.parametrize("shard", ["../../escaped.safetensors", "/tmp/herd-escaped.safetensors",
                                    "sub/../../escaped.safetensors", "..", ".hidden.safetensors"])
 def test_a_shard_name_that_leaves_the_folder_is_refused(s3_bucket, tmp_path, shard):
@@ -43,7 +42,6 @@ def test_a_shard_name_that_leaves_the_folder_is_refused(s3_bucket, tmp_path, sha
     assert not (tmp_path / "escaped.safetensors").exists() and not os.path.exists("/tmp/herd-escaped.safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 8")
 def test_a_replaced_shard_is_fetched_again_and_a_short_cache_file_refetched(s3_bucket, tmp_path):
     import boto3
 
@@ -64,7 +62,6 @@ def test_a_replaced_shard_is_fetched_again_and_a_short_cache_file_refetched(s3_b
     assert again.get("w").tolist() == [7.0] * 4 and again.bytes_fetched > 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 8")
 def test_the_cache_root_is_one_private_folder(tmp_path, monkeypatch):
     from serving.expert_parallel.s3 import CacheRootError, cache_root
 
