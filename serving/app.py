@@ -61,6 +61,10 @@ class Ingress:
                                    self._metrics, KeyChecker(key_digests), self.recorder, is_backpressure,
                                    self.args.retry_after_s, self.args.product,
                                    trust_user_field=self.args.trust_user_field)
+        self.server.call_model = self._call_model
+
+    async def _call_model(self, kind: str, job: dict) -> dict:
+        return await self.model.tokenizer_job.remote(job)
 
     async def _generate(self, job: dict):
         stream = self.model.options(stream=True).generate.remote(job)
@@ -112,6 +116,18 @@ class Ingress:
     @web.post("/v1/completions")
     async def completions(self, request: Request):
         return await self.server.completions(request)
+
+    @web.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self.server.tokenize(request)
+
+    @web.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self.server.detokenize(request)
+
+    @web.get("/openapi.json")
+    async def openapi(self):
+        return self.server.openapi()
 
     def __del__(self):
         # Serve calls this on graceful shutdown: flush the licensing tracker's buffered (hashed) events.

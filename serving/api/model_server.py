@@ -66,6 +66,30 @@ class ModelServer:
         self._ensure_pusher()
         return self.max_model_len
 
+    # ---- tokenizer endpoints ------------------------------------------------------------------------------
+    async def tokenizer_job(self, job: dict) -> dict:
+        """/tokenize and /detokenize (vLLM's shapes), off the event loop; errors as {"error": ...}."""
+        try:
+            return await asyncio.to_thread(self._tokenizer_job, job)
+        except ApiError as e:
+            return {"error": e.to_dict()}
+
+    def _tokenizer_job(self, job: dict) -> dict:
+        tok = self.llm.tokenizer
+        if job["kind"] == "detokenize":
+            bad = [t for t in job["tokens"] if not 0 <= t < self.vocab_size]
+            if bad:
+                raise bad_request(f"'tokens' holds token id {bad[0]}, outside the vocabulary [0, {self.vocab_size}).",
+                                  param="tokens", code="invalid_value")
+            return {"prompt": tok.decode(job["tokens"])}
+        if "messages" in job:
+            from serving.api.answer import chat_prompt_ids
+
+            ids = chat_prompt_ids(tok, job["messages"], job.get("tools"))
+        else:
+            ids = tok.encode(job["prompt"], add_special_tokens=job.get("add_special_tokens", True))
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": None}
+
     # ---- generation ----------------------------------------------------------------------------------------
     async def generate(self, job: dict):
         self._ensure_pusher()
@@ -88,21 +112,24 @@ class ModelServer:
             yield {"error": bad_request(str(e), code="invalid_value").to_dict()}
             return
         finished = False
+        from serving.api.answer import Answer
+
+        answer = Answer(self.llm.tokenizer, job, prompt_ids)  # text, logprobs, tool calls per item
         try:
             delta = await deltas.__anext__()
             tracker = _RequestTimes(self.metrics, t_arrival, len(prompt_ids))
             if job["stream"]:
                 # Each item costs a hop through Serve; with stream_interval_s > 0, deltas that arrive within the
                 # interval travel as one item (the first token is never held back).
-                interval, last_sent, held = self.args.stream_interval_s, 0.0, []
+                interval, last_sent = self.args.stream_interval_s, 0.0
                 while True:
                     tracker.on_delta(delta)
                     finished = delta.finish_reason is not None
-                    held.append(delta.new_text)
+                    answer.add(delta)
                     now = time.monotonic()
                     if finished or now - last_sent >= interval:
                         item = _item(delta)
-                        item["text"], held = "".join(held), []
+                        item.update(answer.take(delta.finish_reason))
                         if last_sent == 0.0:
                             item["prompt_tokens"] = len(prompt_ids)
                         last_sent = now
@@ -111,16 +138,15 @@ class ModelServer:
                         break
                     delta = await deltas.__anext__()
             else:
-                texts = []
                 while True:
                     tracker.on_delta(delta)
-                    texts.append(delta.new_text)
+                    answer.add(delta)
                     if delta.finish_reason is not None:
                         finished = True
                         break
                     delta = await deltas.__anext__()
                 item = _item(delta)
-                item.update(text="".join(texts), prompt_tokens=len(prompt_ids))
+                item.update(answer.take(delta.finish_reason), prompt_tokens=len(prompt_ids))
                 yield item
         finally:
             if not finished:  # cancelled (client gone) or failed: free the sequence's slot now
@@ -131,7 +157,9 @@ class ModelServer:
     # ---- request checks that need the tokenizer -------------------------------------------------------------
     def _prompt_ids(self, job: dict) -> list[int]:
         if "messages" in job:
-            ids = list(self.llm.apply_chat_template(job["messages"]))
+            from serving.api.answer import chat_prompt_ids
+
+            ids = chat_prompt_ids(self.llm.tokenizer, job["messages"], job.get("tools"))
             where = "messages"
         elif isinstance(job["prompt"], str):
             ids = self.llm.tokenizer.encode(job["prompt"])
@@ -162,7 +190,9 @@ class ModelServer:
                               f"tokens and {name} asks for {max_tokens} more. Ask for at most {ctx - n_prompt}.",
                               param=name, code="context_length_exceeded")
         try:
-            return SamplingParams(max_tokens=max_tokens, **job["sampling"])
+            from serving.api.answer import engine_extras
+
+            return SamplingParams(max_tokens=max_tokens, **job["sampling"], **engine_extras(job))
         except (ValueError, TypeError) as e:
             field = str(e).split()[0] if str(e) else None
             raise bad_request(str(e), param=field if field in job["sampling"] else None,

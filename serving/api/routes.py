@@ -7,6 +7,7 @@ exception, and an unexpected failure is a 500 that names only a request id.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -47,6 +48,10 @@ def error_response(err: ApiError):
 class OpenAIServer:
     """The endpoints' logic for one served model."""
 
+    # (kind, job) -> the model replica's answer to a tokenizer job (/tokenize, /detokenize); set by the ingress.
+    call_model: Callable[[str, dict], Awaitable[dict]] | None = None
+    _openapi: dict | None = None
+
     def __init__(self, model_name: str, max_model_len: int, generate: Generate,
                  metrics: Callable[[], Awaitable[bytes]], keys: KeyChecker, recorder: Recorder,
                  is_backpressure: Callable[[BaseException], bool] = lambda e: False, retry_after_s: int = 1,
@@ -79,6 +84,61 @@ class OpenAIServer:
 
         return Response(await self.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def openapi(self):
+        from fastapi.responses import JSONResponse
+
+        from serving.api.openapi import openapi_document
+
+        if self._openapi is None:
+            self._openapi = openapi_document()
+        return JSONResponse(self._openapi)
+
+    # ---- tokenizer endpoints (vLLM's /tokenize and /detokenize) -------------------------------------------------
+    async def tokenize(self, request):
+        return await self._tokenizer_call(request, "tokenize")
+
+    async def detokenize(self, request):
+        return await self._tokenizer_call(request, "detokenize")
+
+    async def _tokenizer_call(self, request, kind: str):
+        from fastapi.responses import JSONResponse
+
+        from serving.api.openapi import DetokenizeRequest, TokenizeRequest
+
+        try:
+            self.keys.identity(request.headers.get("authorization"))
+            body = await request.body()
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, f"Request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}.",
+                               code="body_too_large")
+            schema = TokenizeRequest if kind == "tokenize" else DetokenizeRequest
+            req = self._parse(schema, body)
+            if req.model is not None and req.model != self.model_name:
+                raise ApiError(404, f"The model '{req.model[:100]}' does not exist; this server serves "
+                                    f"'{self.model_name}'.", param="model", code="model_not_found")
+            job: dict[str, Any] = {"kind": kind}
+            if kind == "detokenize":
+                job["tokens"] = req.tokens
+            elif (req.prompt is None) == (req.messages is None):
+                raise P.bad_request("Give exactly one of 'prompt' or 'messages'.", param="prompt",
+                                    code="invalid_value")
+            elif req.prompt is not None:
+                job.update(prompt=req.prompt, add_special_tokens=req.add_special_tokens)
+            else:
+                fake = P.ChatCompletionRequest(model=self.model_name, messages=req.messages, tools=req.tools)
+                checked = P.check_chat(fake)
+                job.update(messages=checked["messages"], tools=checked["tools"])
+            out = await self.call_model("tokenize", job)
+            if "error" in out:
+                raise ApiError.from_dict(out["error"])
+            return JSONResponse(out)
+        except ApiError as e:
+            return error_response(e)
+        except Exception:
+            rid = f"tok-{uuid.uuid4().hex}"
+            log.exception("request %s (%s) failed", rid, kind)
+            return error_response(internal_error(rid))
+
     # ---- generation --------------------------------------------------------------------------------------------
     async def chat(self, request):
         return await self._handle(request, "chat")
@@ -88,24 +148,28 @@ class OpenAIServer:
 
     async def _handle(self, request, kind: str):
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        streams: list = []
         try:
-            req, job, user = await self._accept(request, kind, rid)
-            items = self.generate(job)
-            first = await self._first(items, rid)
-            record_safely(self.recorder, user, self.product)  # the model accepted it: now it counts
+            req, jobs = await self._accept(request, kind, rid)
+            streams = [self.generate(job) for job in jobs]
+            # Every prompt's request starts at once; a refusal of any (400/503) refuses the whole request.
+            firsts = await asyncio.gather(*[self._first(items, rid) for items in streams])
             if req.stream:
-                return self._stream(req, kind, rid, first, items)
-            return await self._whole(req, kind, rid, first, items)
+                return self._stream(req, kind, rid, firsts, streams)
+            return await self._whole(req, kind, rid, firsts, streams)
         except ApiError as e:
+            await _aclose_all(streams)
             return error_response(e)
         except Exception as e:
+            await _aclose_all(streams)
             if self.is_backpressure(e):
                 return error_response(queue_full(self.retry_after_s))
             log.exception("request %s failed", rid)
             return error_response(internal_error(rid))
 
     async def _accept(self, request, kind: str, rid: str):
-        """Auth, body, fields, model name, user: everything checked before the model sees the request."""
+        """Auth, body, fields, model name, user: everything checked before the model sees the request.
+        Returns the request and one job per prompt (chat: one)."""
         identity = self.keys.identity(request.headers.get("authorization"))
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
@@ -118,16 +182,21 @@ class OpenAIServer:
                                 f"'{self.model_name}' (see GET /v1/models).", param="model", code="model_not_found")
         job: dict[str, Any] = {"request_id": rid, "sampling": P.sampling_fields(req), "stream": bool(req.stream)}
         if kind == "chat":
-            job["messages"] = P.check_chat(req)
+            job.update(P.check_chat(req))
             job["max_tokens"] = req.max_completion_tokens or req.max_tokens
             job["max_tokens_param"] = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            jobs = [job]
         else:
-            job["prompt"] = P.check_completion(req)
+            prompts = P.check_completion(req)
             job["max_tokens"] = req.max_tokens
             job["max_tokens_param"] = "max_tokens"
-        user = resolve_user(req.user, request.headers.get(USER_HEADER), identity, self.trust_user_field)
+            job["echo"] = bool(req.echo)
+            jobs = [dict(job, prompt=p, request_id=rid if len(prompts) == 1 else f"{rid}-{i}")
+                    for i, p in enumerate(prompts)]
+        user = resolve_user(req.user, request.headers.get(USER_HEADER), identity)
+        record_safely(self.recorder, user, self.product)
         log.info("request %s from user %s", rid, log_tag(user))
-        return req, job, user
+        return req, jobs
 
     @staticmethod
     def _parse(schema, body: bytes):
@@ -153,68 +222,156 @@ class OpenAIServer:
             raise ApiError.from_dict(first["error"])
         return first
 
-    async def _whole(self, req, kind: str, rid: str, first: dict, items) -> Any:
+    async def _whole(self, req, kind: str, rid: str, firsts: list[dict], streams: list) -> Any:
         from fastapi.responses import JSONResponse
 
-        done = first
-        async for item in items:  # a non-streamed job sends one item, but tolerate more
-            done = item
-        if done.get("failed"):
-            log.error("request %s failed in the engine", rid)
-            raise internal_error(rid)
+        choices, pt, ct = [], 0, 0
+        for index, (first, items) in enumerate(zip(firsts, streams)):
+            parts = [first]
+            async for item in items:  # a non-streamed job sends one item, but tolerate more
+                parts.append(item)
+            done = parts[-1]
+            if done.get("failed"):
+                log.error("request %s failed in the engine", rid)
+                raise internal_error(rid)
+            text = "".join(p.get("text", "") for p in parts)
+            finish = P.openai_finish_reason(done["finish_reason"])
+            lps = [pos for p in parts for pos in p.get("logprobs", ())]
+            pt += first["prompt_tokens"]
+            ct += done["completion_tokens"]
+            if kind == "chat":
+                calls = done.get("tool_calls")
+                logprobs = P.chat_logprobs(lps) if "logprobs" in first else None
+                choices.append(P.chat_choice(index, None if calls and not text else text, calls, logprobs, finish))
+            else:
+                prefix = first.get("prompt_text", "")
+                logprobs = None
+                if "logprobs" in first:
+                    logprobs = P.completion_logprobs((first.get("prompt_logprobs") or []) + lps)
+                choices.append(P.completion_choice(index, prefix + text, logprobs, finish))
         build = P.chat_response if kind == "chat" else P.completion_response
-        return JSONResponse(build(rid, req.model, int(time.time()), done["text"],
-                                  P.openai_finish_reason(done["finish_reason"]), done["prompt_tokens"],
-                                  done["completion_tokens"]))
+        return JSONResponse(build(rid, req.model, int(time.time()), choices, pt, ct))
 
-    def _stream(self, req, kind: str, rid: str, first: dict, items):
+    def _stream(self, req, kind: str, rid: str, firsts: list[dict], streams: list):
         from fastapi.responses import StreamingResponse
 
-        return StreamingResponse(self._sse(req, kind, rid, first, items), media_type="text/event-stream",
+        return StreamingResponse(self._sse(req, kind, rid, firsts, streams), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
 
-    async def _sse(self, req, kind: str, rid: str, first: dict, items):
-        """SSE events: role chunk (chat), text chunks, a finish chunk, the usage chunk if asked, [DONE]."""
+    async def _sse(self, req, kind: str, rid: str, firsts: list[dict], streams: list):
+        """SSE events: role chunk (chat), text chunks, a finish chunk per choice, the usage chunk if asked, [DONE].
+        With several prompts their chunks interleave, each with its choice `index`."""
         model, created = req.model, int(time.time())
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
-        pt, ct = first["prompt_tokens"], 0
+        pt = sum(f["prompt_tokens"] for f in firsts)
+        cts = [0] * len(streams)
+        offsets = [0] * len(streams)  # completions text_offset so far, per choice
 
         def event(obj: dict) -> str:
             return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
-        def chunk(text: str, finish: str | None, role: bool = False) -> dict:
+        def chunks(index: int, item: dict) -> list[dict]:
+            finish = item.get("finish_reason")
+            finish = P.openai_finish_reason(finish) if finish else None
+            text, lps = item.get("text", ""), item.get("logprobs")
             if kind == "chat":
-                delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-                return P.chat_chunk(rid, model, created, delta, finish, with_usage)
-            return P.completion_chunk(rid, model, created, text, finish, with_usage)
+                out = []
+                logprobs = P.chat_logprobs(lps) if lps else None
+                calls = item.get("tool_calls") or ()
+                if text or logprobs or (finish and not calls):
+                    out.append(P.chat_chunk(rid, model, created, {"content": text} if text else {},
+                                            None if calls else finish, with_usage, logprobs, index))
+                for k, call in enumerate(calls):
+                    fn = call["function"]
+                    head = {"index": k, "id": call["id"], "type": "function",
+                            "function": {"name": fn["name"], "arguments": ""}}
+                    out.append(P.chat_chunk(rid, model, created, {"tool_calls": [head]}, None, with_usage, None,
+                                            index))
+                    out.append(P.chat_chunk(rid, model, created, {"tool_calls": [
+                        {"index": k, "function": {"arguments": fn["arguments"]}}]}, None, with_usage, None, index))
+                if finish and calls:
+                    out.append(P.chat_chunk(rid, model, created, {}, finish, with_usage, None, index))
+                return out
+            prefix = item.get("prompt_text", "")
+            logprobs = None
+            if lps is not None:
+                logprobs = P.completion_logprobs((item.get("prompt_logprobs") or []) + lps, offsets[index])
+                offsets[index] += sum(len(t) for t in logprobs["tokens"])
+            if prefix or text or finish or lps:
+                return [P.completion_chunk(rid, model, created, prefix + text, finish, with_usage, logprobs, index)]
+            return []
 
         try:
             if kind == "chat":
-                yield event(chunk("", None, role=True))
-            item = first
-            while True:
-                ct = item.get("completion_tokens", ct)
+                for index in range(len(streams)):
+                    yield event(P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None,
+                                             with_usage, None, index))
+            async for index, item in _merge(firsts, streams):
+                cts[index] = item.get("completion_tokens", cts[index])
                 if item.get("failed"):
                     log.error("request %s failed in the engine mid-stream", rid)
                     yield event(internal_error(rid).body())
                     break
-                finish = item.get("finish_reason")
-                if item.get("text") or finish:
-                    yield event(chunk(item.get("text", ""), P.openai_finish_reason(finish) if finish else None))
-                if finish:
-                    break
-                try:
-                    item = await items.__anext__()
-                except StopAsyncIteration:
-                    break
+                for c in chunks(index, item):
+                    yield event(c)
             if with_usage:
                 obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-                yield event(P.usage_chunk(rid, model, created, obj, pt, ct))
+                yield event(P.usage_chunk(rid, model, created, obj, pt, sum(cts)))
             yield "data: [DONE]\n\n"
         finally:
-            # A client that went away cancels this generator; closing `items` cancels the model's side,
-            # which aborts the sequence and frees its cache slot.
-            await _aclose(items)
+            # A client that went away cancels this generator; closing the streams cancels the model's side,
+            # which aborts the sequences and frees their cache slots.
+            await _aclose_all(streams)
+
+
+async def _merge(firsts: list[dict], streams: list):
+    """(index, item) from every stream until each has finished, in arrival order (one stream: in place)."""
+    if len(streams) == 1:
+        item = firsts[0]
+        while True:
+            yield 0, item
+            if item.get("finish_reason") or item.get("failed"):
+                return
+            try:
+                item = await streams[0].__anext__()
+            except StopAsyncIteration:
+                return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        item = firsts[index]
+        try:
+            while True:
+                await queue.put((index, item))
+                if item.get("finish_reason") or item.get("failed"):
+                    break
+                item = await streams[index].__anext__()
+        except StopAsyncIteration:
+            pass
+        except Exception as e:  # surfaces in the consumer
+            await queue.put((index, e))
+            return
+        await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+    try:
+        live = len(streams)
+        while live:
+            index, item = await queue.get()
+            if item is None:
+                live -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _aclose_all(streams: list) -> None:
+    for items in streams:
+        await _aclose(items)
 
 
 async def _aclose(items) -> None:

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-
-GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy, as in vLLM (_SAMPLING_EPS)
-
-GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy, as in vLLM (_SAMPLING_EPS)
 from typing import Any
+
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy, as in vLLM (_SAMPLING_EPS)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from serving.engine.params import StructuredOutputsParams
 
@@ -34,6 +32,9 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
 _SCHEMA_ONE = ("items", "additionalProperties")
 CACHE_SIZE = 64
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_json_schema(schema: Any, where: str = "schema") -> None:
