@@ -19,6 +19,9 @@ import uuid
 from ray import serve
 
 from serving.api.errors import ApiError, bad_request, queue_full
+
+# No token of a Llama 4 vocabulary is this long: a prompt over max_model_len x this many characters cannot fit.
+MAX_CHARS_PER_TOKEN = 64
 from serving.api.metrics import HEARTBEAT_STALE_S, PUSH_INTERVAL_S, ReplicaMetrics
 
 log = logging.getLogger("herd.serving.model")
@@ -95,7 +98,7 @@ class ModelServer:
         self._ensure_pusher()
         rid = job["request_id"]
         try:
-            prompt_ids = self._prompt_ids(job)
+            prompt_ids = await self._tokenize(job)
             params = self._params(job, len(prompt_ids))
         except ApiError as e:
             yield {"error": e.to_dict()}
@@ -155,6 +158,19 @@ class ModelServer:
             await deltas.aclose()
 
     # ---- request checks that need the tokenizer -------------------------------------------------------------
+    async def _tokenize(self, job: dict) -> list[int]:
+        """`_prompt_ids` in a thread (a long prompt must not stall this replica's event loop), after refusing a
+        prompt longer in characters than the context could hold at any tokenization."""
+        texts = [m.get("content") for m in job["messages"]] if "messages" in job else [job.get("prompt")]
+        chars = sum(len(t) if isinstance(t, str) else len(str(t)) for t in texts if t is not None)
+        limit = self.max_model_len * MAX_CHARS_PER_TOKEN
+        if chars > limit:
+            where = "messages" if "messages" in job else "prompt"
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens; the {where} has "
+                              f"{chars} characters, more than any {self.max_model_len} tokens hold (at most "
+                              f"{limit}). Shorten it.", param=where, code="context_length_exceeded")
+        return await asyncio.to_thread(self._prompt_ids, job)
+
     def _prompt_ids(self, job: dict) -> list[int]:
         if "messages" in job:
             from serving.api.answer import chat_prompt_ids

@@ -45,6 +45,25 @@ def error_response(err: ApiError):
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
+async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 before reading when Content-Length is over `limit`, and read no further
+    than `limit` when it has none (chunked) or lies."""
+    announced = request.headers.get("content-length")
+    if announced is not None:
+        if not announced.strip().isdigit():
+            raise ApiError(400, "The Content-Length header is not a byte count.", code="invalid_request")
+        if int(announced) > limit:
+            raise ApiError(413, f"Request body is {int(announced)} bytes; the limit is {limit}.",
+                           code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"Request body is over the limit of {limit} bytes.", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class OpenAIServer:
     """The endpoints' logic for one served model."""
 
@@ -171,10 +190,7 @@ class OpenAIServer:
         """Auth, body, fields, model name, user: everything checked before the model sees the request.
         Returns the request and one job per prompt (chat: one)."""
         identity = self.keys.identity(request.headers.get("authorization"))
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"Request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}.",
-                           code="body_too_large")
+        body = await read_body(request)
         schema = P.ChatCompletionRequest if kind == "chat" else P.CompletionRequest
         req = self._parse(schema, body)
         if req.model != self.model_name:
