@@ -113,7 +113,8 @@ class LLMEngine:
                              "prompt (it and at least one generated token must fit)")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # A CPU generator on purpose: the sampler draws seeded rows on it, so a seed means the same on every device.
+        gen = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
         bad = [t for t in params.logit_bias or () if t >= self.config.vocab_size]
         if bad:
             raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")

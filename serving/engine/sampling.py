@@ -61,6 +61,10 @@ def filtered_logits(logits_V: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 def sample_row(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     probs_V = torch.softmax(filtered_logits(logits_V, params), dim=-1)
+    if generator is not None and probs_V.device != generator.device:
+        # A seeded request's generator is a CPU one (make_request): draw there, so the same seed gives the same
+        # draws whatever device the logits came from (one vocabulary-sized copy per seeded row).
+        probs_V = probs_V.to(generator.device)
     return int(torch.multinomial(probs_V, 1, generator=generator))
 
 

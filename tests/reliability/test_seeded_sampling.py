@@ -26,7 +26,6 @@ def test_seeded_sampling_on_cpu_repeats_whatever_the_batch(scout_tiny):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="issue 16 item 7: a CPU generator with CUDA logits")
 def test_seeded_sampling_on_cuda_repeats_and_matches_cpu(scout_tiny):
     gpu = LLMEngine.from_pretrained(scout_tiny, dtype="float32", device="cuda", max_num_seqs=4, max_model_len=64)
     together, alone = _seeded_runs(gpu)
