@@ -47,6 +47,9 @@ def check_json_schema(schema: Any, where: str = "schema") -> None:
     if unknown:
         raise ValueError(f"{where} uses JSON-schema keyword(s) {', '.join(repr(k) for k in unknown)} that herd's "
                          f"grammar engine cannot enforce; supported: {', '.join(sorted(ENFORCED))}")
+    if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
+        raise ValueError(f"{where} combines 'pattern' with 'minLength'/'maxLength', which herd's grammar engine "
+                         "cannot enforce together; put the length into the pattern (e.g. ^[a-z]{1,8}$)")
     for key in _SCHEMA_MAPS:
         for name, sub in (schema.get(key) or {}).items():
             check_json_schema(sub, f"{where}.{key}.{name}")
@@ -56,6 +59,20 @@ def check_json_schema(schema: Any, where: str = "schema") -> None:
     for key in _SCHEMA_ONE:
         if key in schema:
             check_json_schema(schema[key], f"{where}.{key}")
+
+
+def json_schema_ebnf(schema: dict) -> str:
+    """The grammar of a schema, as EBNF. No free whitespace (a random or weak model could pad forever). xgrammar
+    0.2.8 lets raw control characters into length-bounded strings, which JSON forbids (json.loads and pydantic
+    refuse the answer): its character class for them is narrowed to the one its unbounded strings use."""
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    return ebnf.replace(_BOUNDED_CHARS, _JSON_CHARS)
+
+
+_BOUNDED_CHARS = r'[^\"\\\r\n]'
+_JSON_CHARS = r'[^\0-\x1f\"\\\r\n]'
 
 
 class GrammarState:
@@ -108,8 +125,7 @@ class Grammars:
             else:
                 check_json_schema(spec.json)
                 try:
-                    # No free whitespace: a random or weak model could otherwise pad forever.
-                    grammar = compiler.compile_json_schema(spec.json, any_whitespace=False)
+                    grammar = compiler.compile_grammar(json_schema_ebnf(spec.json))
                 except Exception as e:  # xgrammar's own errors (bad $ref, invalid pattern...)
                     raise ValueError(f"the JSON schema cannot be compiled: {e}") from None
             self.compiled += 1

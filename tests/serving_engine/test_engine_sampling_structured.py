@@ -92,3 +92,13 @@ def test_prompt_and_output_logprobs_equal_transformers(scout_tiny, scout_engine,
     plain = scout_engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
                                                            repetition_penalty=1.5))[0]
     assert plain.outputs[0].token_ids == out.outputs[0].token_ids
+
+
+def test_bounded_strings_refuse_control_characters(scout_engine):
+    """JSON forbids raw control characters in strings (json.loads and pydantic refuse them): the grammar too."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 5}}, "required": ["a"]}
+    for text, ok in (('{"a": "x\x06', False), ('{"a": "x\\n', False), ('{"a": "xyz"}', True)):
+        state = scout_engine.grammars.new_state(StructuredOutputsParams(json=schema))
+        assert state.matcher.accept_string(text) is ok, text
+    with pytest.raises(ValueError, match="combines 'pattern' with 'minLength'"):
+        check_json_schema({"type": "string", "pattern": "^a+$", "maxLength": 3})
