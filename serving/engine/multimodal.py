@@ -68,11 +68,13 @@ class ImageSupport:
         return cls(tokenizer, ImageConfig.from_pretrained(path), load_vision_tower(path, dtype, device))
 
     # ---- requests ----------------------------------------------------------------------------------
-    def expand(self, ids: list[int], images: list) -> tuple[list[int], list[RequestImage]]:
+    def expand(self, ids: list[int], images: list, max_images: int | None = None
+               ) -> tuple[list[int], list[RequestImage]]:
         """Preprocess PIL images and expand their placeholders in `ids`."""
-        if len(images) > self.max_images_per_request:
-            raise ValueError(f"{len(images)} images in one request; at most {self.max_images_per_request} are "
-                             "allowed (max_images_per_request)")
+        limit = self.max_images_per_request if max_images is None else max_images
+        if len(images) > limit:
+            raise ValueError(f"{len(images)} images in one request; at most {limit} are allowed "
+                             "(max_images_per_request)")
         tiles = [preprocess(_check_image(img, i), self.image_cfg) for i, img in enumerate(images)]
         expanded, positions = self.expander.expand(ids, tiles)
         return expanded, [RequestImage(t, p) for t, p in zip(tiles, positions)]
@@ -84,10 +86,12 @@ class ImageSupport:
             pos = img.patch_positions
             if not pos or pos[-1] < start or pos[0] >= start + length:
                 continue
+            sel = [j for j, p in enumerate(pos) if start <= p < start + length]
+            if not sel:  # a piece of separators between the image's patch runs
+                continue
             if img.embeds_RD is None:
                 img.embeds_RD = self.tower(img.tiles.pixel_values)
                 self.images_encoded += 1
-            sel = [j for j, p in enumerate(pos) if start <= p < start + length]
             offsets += [pos[j] - start for j in sel]
             rows.append(img.embeds_RD[sel[0]: sel[-1] + 1])  # a piece covers a contiguous run of patches
         if not offsets:
@@ -120,6 +124,8 @@ def parse_prompt(engine, prompt: dict) -> tuple[str | None, list[int], list[Requ
     if images is None:
         return text, ids, None
     images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if images and all(isinstance(i, RequestImage) for i in images):
+        return text, ids, images  # prepared by `ImageSupport.expand` (the HTTP replica): ids already expanded
     support = engine.image_support
     if support is None:
         raise ValueError("this checkpoint has no vision tower (no vision_model.* weights); it cannot take images")

@@ -3,6 +3,9 @@
 The reference calls transformers' modules as `Llama4ForConditionalGeneration.forward` does (its forward fails at
 its return in transformers 5.24): image features -> multi_modal_projector -> scattered over the prompt's <|patch|>
 embeddings -> the language model, greedy by uncached argmax. Both sides get the same pixel_values and prompt ids.
+herd's side goes through the engine's public API only: greedy tokens, and the fp32 logits compared as their
+log-softmax (engine logprobs: the chosen token and the top 20 at every prompt position and generated token, the
+normaliser included) within 1e-4.
 """
 from __future__ import annotations
 
@@ -13,14 +16,12 @@ import torch
 from PIL import Image
 
 from serving.engine import SamplingParams
-from serving.engine.executor import SeqChunk
-from serving.engine.multimodal import attach_image_embeds
 from serving.engine.scheduler import RequestStatus
-from serving.model import Batch
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "images"
 NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+TOL = 1e-4
 
 
 def image(name: str) -> Image.Image:
@@ -34,6 +35,17 @@ def engine(maverick_tiny):
     from serving.engine import LLMEngine
 
     eng = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=512)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_steps_engine(maverick_tiny):
+    """At most 5 tokens a step: prefill pieces cut the <|patch|> runs and cross the 32-token attention chunks."""
+    from serving.engine import LLMEngine
+
+    eng = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=512,
+                                    max_num_batched_tokens=5)
     yield eng
     eng.shutdown()
 
@@ -53,7 +65,7 @@ def chat(engine, *parts) -> dict:
 
 @torch.no_grad()
 def reference(model, ids: list[int], pixel_values: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
-    """(greedy tokens, fp32 logits of every prompt position) from transformers' modules."""
+    """(greedy tokens, fp32 log-softmax [prompt + generated - 1, V]: row i predicts token i + 1)."""
     embed = model.get_input_embeddings()
     x = embed(torch.tensor([ids]))
     if pixel_values:
@@ -62,40 +74,36 @@ def reference(model, ids: list[int], pixel_values: list[torch.Tensor]) -> tuple[
         mask = (torch.tensor([ids]) == model.config.image_token_id)[..., None]  # prompt positions only
         x = x.masked_scatter(mask, projected)
     lm = model.language_model
-    prompt_logits = lm(inputs_embeds=x, use_cache=False).logits[0]
-    tokens, logits = [], prompt_logits[-1]
+    rows = list(lm(inputs_embeds=x, use_cache=False).logits[0])
+    tokens = []
     for _ in range(NEW_TOKENS):
-        tokens.append(int(logits.argmax()))
+        tokens.append(int(rows[-1].argmax()))
         x = torch.cat([x, embed(torch.tensor([[tokens[-1]]]))], dim=1)
-        logits = lm(inputs_embeds=x, use_cache=False).logits[0, -1]
-    return tokens, prompt_logits
+        rows.append(lm(inputs_embeds=x, use_cache=False).logits[0, -1])
+    return tokens, torch.log_softmax(torch.stack(rows[:-1]).float(), dim=-1)
 
 
-def herd_prompt_logits(engine, prompt: dict, piece: int = 10**9) -> tuple[torch.Tensor, object]:
-    """Logits of every prompt position from herd's model, prefilled in pieces (cut at chunk boundaries and every
-    `piece` tokens), each piece fused with its image rows exactly as the engine does it."""
-    req = engine.make_request("logits", prompt)
-    model, chunk = engine.executor.model, engine.config.attention_chunk_size
-    ids, out, pos = req.prompt_token_ids, [], 0
-    slot = engine.executor.slots.slot_for(req.seq_id)
-    try:
-        while pos < len(ids):
-            end = min((pos // chunk + 1) * chunk, len(ids), pos + piece)
-            c = SeqChunk(req.seq_id, ids[pos:end], pos, True)
-            if req.images:
-                c.mm_embeds = engine.image_support.chunk_embeds(req.images, pos, end - pos)
-            batch = Batch.build([(slot, c.token_ids, pos, True)], "cpu", chunk)
-            batch.logits_idx_N = torch.arange(end - pos)
-            attach_image_embeds(batch, [c])
-            out.append(model(batch))
-            pos = end
-    finally:
-        engine.executor.free(req.seq_id)
-    return torch.cat(out), req
+def assert_logprobs_match(positions, expected_rows: torch.Tensor) -> int:
+    """Every logprob the engine reported equals the reference's at that row; returns how many were compared."""
+    n = 0
+    for pos, row in zip(positions, expected_rows):
+        if pos is None:
+            continue
+        for token, lp in pos.items():
+            assert abs(lp.logprob - row[token].item()) < TOL, (token, lp.logprob, row[token].item())
+            n += 1
+    return n
 
 
-def pixels(req) -> list[torch.Tensor]:
-    return [img.tiles.pixel_values for img in req.images or []]
+def run(engine, prompt, **extra):
+    return engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                                  **extra))[0]
+
+
+def prepared(engine, prompt):
+    """The request the engine makes of a prompt: expanded ids and the same pixel values it will encode."""
+    req = engine.make_request("inspect", prompt)
+    return req.prompt_token_ids, [img.tiles.pixel_values for img in req.images or []], req
 
 
 CASES = {
@@ -108,24 +116,27 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_image_request_equals_transformers(case, engine, ref_model):
     prompt = CASES[case](engine)
-    got_logits, req = herd_prompt_logits(engine, prompt)
-    grids = [img.tiles.grid for img in req.images]
+    ids, pixels, req = prepared(engine, prompt)
     assert {"single_tile": [(1, 1)], "grid_2x3_plus_global": [(2, 3)],
-            "two_images": [(2, 3), (3, 2)]}[case] == grids
-    expected_tokens, expected_logits = reference(ref_model, req.prompt_token_ids, pixels(req))
-    assert (got_logits - expected_logits).abs().max().item() < 1e-4
+            "two_images": [(2, 3), (3, 2)]}[case] == [img.tiles.grid for img in req.images]
+    expected_tokens, expected = reference(ref_model, ids, pixels)
     encoded = engine.image_support.images_encoded
-    out = engine.generate(prompt, GREEDY)[0]
+    out = run(engine, prompt, logprobs=20)  # prefilled in chunk-sized pieces
     assert out.outputs[0].token_ids == expected_tokens
-    assert engine.image_support.images_encoded == encoded + len(grids)  # once per image
-    assert out.prompt_token_ids == req.prompt_token_ids
+    assert out.prompt_token_ids == ids
+    assert engine.image_support.images_encoded == encoded + len(pixels)  # once per image
+    assert assert_logprobs_match(out.outputs[0].logprobs, expected[len(ids) - 1:]) >= 20 * NEW_TOKENS
+    # every prompt position too (prompt_logprobs: the prompt runs one token a step)
+    scored = run(engine, prompt, prompt_logprobs=20)
+    assert scored.outputs[0].token_ids == expected_tokens
+    assert assert_logprobs_match(scored.prompt_logprobs[1:], expected[: len(ids) - 1]) >= 20 * (len(ids) - 1)
 
 
-def test_image_embeddings_change_the_answer(engine, ref_model):
-    """The fused rows matter: the same prompt with another image (same grid) gives other logits."""
-    a, _ = herd_prompt_logits(engine, chat(engine, image("tile56.png"), "Describe."))
-    b, _ = herd_prompt_logits(engine, chat(engine, image("1x1.png"), "Describe."))
-    assert a.shape == b.shape and (a[-1] - b[-1]).abs().max() > 1e-2
+def test_image_embeddings_change_the_answer(engine):
+    """The fused rows matter: the same prompt with another single-tile image gives another distribution."""
+    a = run(engine, chat(engine, image("tile56.png"), "Describe."), logprobs=5).outputs[0].logprobs[0]
+    b = run(engine, chat(engine, image("1x1.png"), "Describe."), logprobs=5).outputs[0].logprobs[0]
+    assert {t: round(lp.logprob, 2) for t, lp in a.items()} != {t: round(lp.logprob, 2) for t, lp in b.items()}
 
 
 def test_batch_mixing_text_and_images_equals_each_alone(engine):
@@ -137,38 +148,44 @@ def test_batch_mixing_text_and_images_equals_each_alone(engine):
     assert together == alone
 
 
-def test_prefill_split_at_chunk_boundaries_and_inside_images(engine, ref_model):
-    """Pieces of 5 tokens cut the patch runs and cross 32-token attention chunks; a recompute (as after a
-    preemption) reuses the image embeddings without running the vision tower again."""
-    prompt = CASES["two_images"](engine)
-    got_logits, req = herd_prompt_logits(engine, prompt, piece=5)
-    expected_tokens, expected_logits = reference(ref_model, req.prompt_token_ids, pixels(req))
-    assert len(req.prompt_token_ids) > 2 * engine.config.attention_chunk_size
-    assert (got_logits - expected_logits).abs().max().item() < 1e-4
-
+def _recompute(engine, req) -> None:
+    """Make the engine drop the request's cache and recompute it later, as a preemption does."""
     sched = engine.scheduler
-    old_budget, sched.max_num_batched_tokens = sched.max_num_batched_tokens, 5
-    try:
-        engine.add_request("split", prompt, GREEDY)
-        r = engine._requests["split"]
-        for _ in range(9):  # part of the prefill: some image rows computed, some not
-            engine.step()
-        assert 0 < r.num_computed < len(r.prompt_token_ids)
-        encoded = engine.image_support.images_encoded
-        pending = sum(1 for i in r.images if i.embeds_RD is None)
-        assert pending < len(r.images)  # at least one image was encoded before the recompute
-        # recompute from scratch (what a preemption does): the slot goes, the request waits again
-        engine.executor.free(r.seq_id)
-        sched.running.remove(r)
-        r.num_computed, r.status = 0, RequestStatus.WAITING
-        sched.waiting.appendleft(r)
-        outputs = []
-        while engine.has_unfinished_requests():
-            outputs += [o for o in engine.step() if o.finished]
-    finally:
-        sched.max_num_batched_tokens = old_budget
+    if hasattr(sched, "_preempt"):  # the scheduler's own recompute preemption
+        sched._preempt(req)
+        return
+    engine.executor.free(req.seq_id)  # a scheduler without preemption: do what one would
+    sched.running.remove(req)
+    req.num_computed, req.status = 0, RequestStatus.WAITING
+    sched.waiting.appendleft(req)
+
+
+def test_prefill_split_at_chunk_boundaries_and_inside_images(small_steps_engine, ref_model):
+    """5-token pieces cut the patch runs and cross 32-token attention chunks; a recompute mid-prefill (as after a
+    preemption) reuses the image embeddings without running the vision tower again."""
+    engine = small_steps_engine
+    prompt = CASES["two_images"](engine)
+    ids, pixels, _ = prepared(engine, prompt)
+    assert len(ids) > 2 * engine.config.attention_chunk_size
+    expected_tokens, expected = reference(ref_model, ids, pixels)
+
+    engine.add_request("split", prompt, GREEDY)
+    r = engine.scheduler.waiting[-1]
+    for _ in range(9):  # part of the prefill: the first image's rows computed, the second's not yet
+        engine.step()
+    assert 0 < r.num_computed < len(ids)
+    encoded = engine.image_support.images_encoded
+    pending = sum(1 for i in r.images if i.embeds_RD is None)
+    assert pending < len(r.images)
+    _recompute(engine, r)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
     assert outputs[0].outputs[0].token_ids == expected_tokens
     assert engine.image_support.images_encoded == encoded + pending  # no image encoded twice
+    out = run(engine, prompt, logprobs=20)  # again (from the prefix cache, where the engine has one)
+    assert out.outputs[0].token_ids == expected_tokens
+    assert_logprobs_match(out.outputs[0].logprobs, expected[len(ids) - 1:])
 
 
 def test_bad_image_prompts_are_explained(engine):
