@@ -26,7 +26,7 @@ class ImageLimits:
     """Operator limits on request images (Serve args / cluster file `serving.images`)."""
 
     max_images_per_request: int = 8
-    max_image_bytes: int = 20 * 2**20
+    max_image_bytes: int = 5 * 2**20  # base64 in an 8 MiB request body (serving/api/routes.py)
     max_image_pixels: int = 40_000_000  # width x height of one image
     allowed_hosts: tuple[str, ...] = ()  # hosts http(s) image URLs may name; empty: data: URLs only
     fetch_timeout_s: float = 10.0
@@ -64,7 +64,8 @@ def decode_data_url(url: str, where: str, limits: ImageLimits = ImageLimits()):
     if not url.startswith("data:") or not sep or ";base64" not in head:
         raise ImageError(f"{where}: a data URL must look like data:image/png;base64,<data>")
     if len(payload) > limits.max_image_bytes * 4 // 3 + 4:
-        raise ImageError(f"{where}: the image is over {limits.max_image_bytes} bytes, the largest allowed")
+        raise ImageError(f"{where}: the image is about {len(payload) * 3 // 4} bytes; at most "
+                         f"{limits.max_image_bytes} are allowed")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -103,8 +104,8 @@ def _fetch(url: str, where: str, limits: ImageLimits) -> bytes:
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout("total time")
                 if len(data) > limits.max_image_bytes:
-                    raise ImageError(f"{where}: the image at the URL is over {limits.max_image_bytes} bytes, the "
-                                     "largest allowed")
+                    raise ImageError(f"{where}: the image at the URL is over {limits.max_image_bytes} bytes; at "
+                                     f"most {limits.max_image_bytes} are allowed")
             return bytes(data)
     except httpx.TimeoutException:
         raise ImageError(f"{where}: fetching the image URL took over {limits.fetch_timeout_s:g} s") from None

@@ -61,6 +61,15 @@ class ServeArgs(BaseModel):
     stream_interval_s: float = Field(0.0, ge=0, le=1.0, description="Streaming: send the tokens gathered over this "
                                                                       "long as one chunk (0: every engine step). "
                                                                       "Fewer chunks cost less CPU per token.")
+    max_images_per_request: int = Field(8, ge=0, le=64, description="Images one request may carry (0: no images). "
+                                                                     "Each can take up to 17 tiles (16 + global).")
+    max_image_bytes: int = Field(5 * 2**20, ge=1024, le=2**30, description="Largest encoded image, bytes (its "
+                                                                           "base64 must fit the 8 MiB request body).")
+    max_image_pixels: int = Field(40_000_000, ge=1, le=2**31, description="Largest image, width x height, "
+                                                                          "checked before it is decoded.")
+    image_url_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts that http(s) image URLs "
+                                                                                 "may name (empty: data: URLs only).")
+    image_fetch_timeout_s: float = Field(10.0, gt=0, le=120, description="Time limit for fetching one image URL.")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
@@ -80,6 +89,13 @@ class ServeArgs(BaseModel):
         return ParallelConfig(self.expert_parallel_size, self.tensor_parallel_size,
                               tuple(self.nodes) if self.nodes else None, placement=self.placement_file,
                               num_cpus_per_worker=self.worker_num_cpus, num_gpus_per_worker=self.worker_num_gpus)
+
+    def image_limits(self):
+        """The `serving.image_io.ImageLimits` the replicas check request images against."""
+        from serving.image_io import ImageLimits
+
+        return ImageLimits(self.max_images_per_request, self.max_image_bytes, self.max_image_pixels,
+                           tuple(self.image_url_allowed_hosts), self.image_fetch_timeout_s)
 
     @property
     def model_name(self) -> str:

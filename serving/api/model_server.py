@@ -19,6 +19,7 @@ import uuid
 from ray import serve
 
 from serving.api.errors import ApiError, bad_request, queue_full
+from serving.api.images import image_parts, image_prompt, text_chars
 
 # No token of a Llama 4 vocabulary is this long: a prompt over max_model_len x this many characters cannot fit.
 MAX_CHARS_PER_TOKEN = 64
@@ -98,7 +99,12 @@ class ModelServer:
         self._ensure_pusher()
         rid = job["request_id"]
         try:
-            prompt_ids = await self._tokenize(job)
+            prompt_ids = prompt = await self._tokenize(job)
+            parts = image_parts(job["messages"]) if "messages" in job else None
+            if parts:  # fetched, checked, decoded and expanded off the event loop (serving/api/images.py)
+                prompt = await asyncio.to_thread(image_prompt, self.llm, self.args.image_limits(), parts, prompt_ids,
+                                                 self.max_model_len)
+                prompt_ids = prompt["prompt_token_ids"]
             params = self._params(job, len(prompt_ids))
         except ApiError as e:
             yield {"error": e.to_dict()}
@@ -107,7 +113,7 @@ class ModelServer:
 
         t_arrival = time.time()
         try:
-            deltas = self.engine.add_request(rid, prompt_ids, params)
+            deltas = self.engine.add_request(rid, prompt, params)
         except QueueFullError:
             yield {"error": queue_full(self.args.retry_after_s).to_dict()}
             return
@@ -162,7 +168,7 @@ class ModelServer:
         """`_prompt_ids` in a thread (a long prompt must not stall this replica's event loop), after refusing a
         prompt longer in characters than the context could hold at any tokenization."""
         texts = [m.get("content") for m in job["messages"]] if "messages" in job else [job.get("prompt")]
-        chars = sum(len(t) if isinstance(t, str) else len(str(t)) for t in texts if t is not None)
+        chars = sum(text_chars(t) for t in texts if t is not None)  # image parts are limited by image_prompt
         limit = self.max_model_len * MAX_CHARS_PER_TOKEN
         if chars > limit:
             where = "messages" if "messages" in job else "prompt"

@@ -336,18 +336,42 @@ def _message(i: int, m: ChatMessage) -> dict[str, Any]:
         return {"role": role, "content": ""}
     if isinstance(m.content, str):
         return {"role": role, "content": m.content}
-    texts = []
+    texts, parts = [], []
     for j, part in enumerate(m.content):
         where = f"messages[{i}].content[{j}]"
         kind = part.get("type")
         if kind in ("image_url", "image", "input_image"):
-            raise bad_request(f"Image content ({where}) is not supported: herd serves Llama 4 as a text model "
-                              "until vision is served; send text parts only.", param=where, code="unsupported_content")
+            parts.append(_image_part(where, part, m.role))
+            continue
         if kind != "text" or not isinstance(part.get("text"), str):
             raise bad_request(f"{where} must be {{\"type\": \"text\", \"text\": \"...\"}} (got type {kind!r}).",
                               param=where, code="invalid_value")
         texts.append(part["text"])
+        parts.append({"type": "text", "text": part["text"]})
+    if len(parts) > len(texts):  # images: the template renders each {"type": "image"} part as <|image|>
+        return {"role": role, "content": parts}
     return {"role": role, "content": "".join(texts)}
+
+
+def _image_part(where: str, part: dict, role: str) -> dict[str, str]:
+    """An OpenAI image part -> the template's {"type": "image"}, carrying its URL and place for the replica,
+    which fetches, checks and decodes it (serving/api/images.py)."""
+    if role != "user":
+        raise bad_request(f"{where}: images are accepted in user messages only.", param=where,
+                          code="invalid_value")
+    if part.get("type") != "image_url":
+        raise bad_request(f"{where}: send images as {{\"type\": \"image_url\", \"image_url\": {{\"url\": "
+                          "\"data:image/png;base64,...\"}}.", param=where, code="invalid_value")
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{where}.image_url.url must be a string (a data: URL, or http(s) where allowed).",
+                          param=f"{where}.image_url.url", code="invalid_value")
+    detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
+    if detail not in ("auto", "low", "high"):
+        raise bad_request(f"{where}.image_url.detail must be 'auto', 'low' or 'high'.",
+                          param=f"{where}.image_url.detail", code="invalid_value")
+    return {"type": "image", "url": url, "where": where}
 
 
 def check_completion(req: CompletionRequest) -> list[Union[str, list[int]]]:

@@ -55,10 +55,10 @@ CASES = [
      "missing_field"),
     ("image part", CHAT, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), None, 400,
-     "messages[0].content[0]", "unsupported_content"),
+     "messages[0].content[0]", "invalid_image"),  # undecodable (3 bytes)
     ("image after text", CHAT, chat(messages=[{"role": "user", "content": [
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]),
-     None, 400, "messages[0].content[1]", "unsupported_content"),
+     None, 400, "messages[0].content[1]", "invalid_image"),  # http(s) image URLs are off by default
     ("audio part", CHAT, chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), None, 400,
      "messages[0].content[0]", "invalid_value"),
     ("temperature string", CHAT, chat(temperature="hot"), None, 400, "temperature", "invalid_value"),
