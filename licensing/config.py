@@ -43,6 +43,13 @@ class LicensingConfig(BaseModel):
     chunk_rows: int = Field(1_000_000, ge=1000, le=50_000_000,
                             description="Rows per acknowledged ingest chunk (memory vs. work redone after a crash).")
     affiliate: str = Field("", description="Affiliate recorded by a live tracker when none is passed.")
+    max_buffered_events: int = Field(1_000_000, ge=1, le=100_000_000,
+                                     description="Events a live tracker holds in memory (about 24 B each) before "
+                                                 "spilling them to local disk, e.g. while the store is down.")
+    max_spill_bytes: int = Field(1 << 30, ge=0, description="Local disk a live tracker may spill to; past it, events "
+                                                            "are dropped, counted (dropped_events) and logged.")
+    spill_dir: str | None = Field(None, description="Where a live tracker spills (default: herd's cache root, "
+                                                    "licensing-spill/).")
     columns: Columns = Field(default_factory=Columns, description="Column names in product activity logs.")
 
     @field_validator("alert_levels")

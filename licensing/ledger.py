@@ -3,7 +3,7 @@
     events/month=YYYY-MM/<source>-<start>-<end>.parquet   hashed events (uid uint64, day, product, affiliate)
     sketches/<source>-<start>-<end>.hll                    HLL registers per (product, affiliate, day)
     commits/<source>/<start>-<end>.json                    the marker: written last, it acknowledges the chunk
-    snapshots/<seq>.hll + <seq>.json                       a merge of many sketches and the markers it covers
+    snapshots/<seq>-<id>.hll + <seq>.json                  a merge of many sketches and the markers it covers
 
 A chunk (rows [start, end) of a Parquet file, bytes [start, end) of a JSONL file, or one flush of a live tracker)
 writes its events and sketch first, then its marker; each write is durable before the next (see store.py). A crash

@@ -9,25 +9,33 @@ Merging is max over registers, so the result is the same whatever order replicas
 from __future__ import annotations
 
 import json
+import uuid
 
 from licensing import ledger
 
 
-def compact(store) -> dict | None:
-    """Write a new snapshot covering every committed marker; returns its record (None if nothing new)."""
-    snap = ledger.latest_snapshot(store)
-    covered = set(snap["covers"]) if snap else set()
-    marks = ledger.markers(store)
-    new = sorted(p for p in marks if p not in covered)
-    if not new:
-        return None
-    merged = ledger.load_sketches(store)
-    seq = (snap["seq"] + 1) if snap else 0
-    sketch_path = f"snapshots/{seq:08d}.hll"
-    store.put(sketch_path, merged.to_bytes())
-    record = {"seq": seq, "sketch": sketch_path, "covers": sorted(covered | set(new)), "groups": len(merged.groups)}
-    store.put(f"snapshots/{seq:08d}.json", json.dumps(record).encode())
-    return record
+def compact(store, attempts: int = 10) -> dict | None:
+    """Write a new snapshot covering every committed marker; returns its record (None if nothing new).
+
+    Safe to run several at once: each writes its sketch under a name of its own, and the record `<seq>.json` (the
+    commit point) is written no-clobber; a compaction that loses the race for a seq starts again from the winner's
+    snapshot, so no marker is ever covered by a record whose sketch lacks it."""
+    for _ in range(attempts):
+        snap = ledger.latest_snapshot(store)
+        covered = set(snap["covers"]) if snap else set()
+        marks = ledger.markers(store)
+        new = sorted(p for p in marks if p not in covered)
+        if not new:
+            return None
+        merged = ledger.load_sketches(store)
+        seq = (snap["seq"] + 1) if snap else 0
+        sketch_path = f"snapshots/{seq:08d}-{uuid.uuid4().hex[:12]}.hll"
+        store.put(sketch_path, merged.to_bytes())
+        record = {"seq": seq, "sketch": sketch_path, "covers": sorted(covered | set(new)),
+                  "groups": len(merged.groups)}
+        if store.put(f"snapshots/{seq:08d}.json", json.dumps(record).encode()):
+            return record
+    raise RuntimeError(f"compaction lost the race for a snapshot number {attempts} times; run it again")
 
 
 def compact_on_ray(store_uri: str, endpoint_url: str | None = None) -> dict | None:

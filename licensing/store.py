@@ -1,7 +1,8 @@
 """Where licensing data lives: a local directory or an `s3://bucket/prefix`, written append-only and durably.
 
-Every write is whole-object and atomic: a local file is written to a temporary name, fsynced, renamed into place
-and its directory fsynced; an S3 object exists only once PutObject has returned (S3 stores it durably before
+Every write is whole-object, atomic and no-clobber: a local file is written to a temporary name, fsynced, hard-linked
+into place (which fails if the name exists) and its directory fsynced, as is the parent of every directory a write
+creates; an S3 object exists only once PutObject has returned (S3 stores it durably before
 answering). `put` returns only after that point, which is what "acknowledged" means in ingest and the tracker.
 Objects are never rewritten: names are deterministic per (source, offsets), so a retry after a crash finds the
 object there already and leaves it alone.
@@ -24,6 +25,14 @@ def s3_endpoint(endpoint_url: str | None = None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     """A directory; durable atomic writes via temp file + fsync + rename + directory fsync."""
 
@@ -36,19 +45,37 @@ class LocalStore:
         final = self.root / path
         if final.exists():
             return False
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(final.parent)
         tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
+            # A hard link fails if `final` exists, atomically: two writers racing for one name cannot both win
+            # (exists-then-rename could let the second silently replace the first).
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
         finally:
-            os.close(dir_fd)
+            tmp.unlink()
+        _fsync_dir(final.parent)
         return True
+
+    @staticmethod
+    def _make_dirs(folder: Path) -> None:
+        """mkdir -p, fsyncing the parent of every directory it creates (else a crash can forget the directory,
+        and with it every file already acknowledged inside)."""
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_dir(d.parent)
 
     def get(self, path: str) -> bytes:
         return (self.root / path).read_bytes()

@@ -11,6 +11,8 @@ inside a Ray Serve replica's `__init__`.
 """
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import socket
@@ -19,6 +21,7 @@ import time
 import uuid
 import weakref
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -55,7 +58,9 @@ class MauTracker:
 
     def __init__(self, config: LicensingConfig | None = None, *, affiliate: str | None = None,
                  store: str | None = None, key: str | bytes | None = None,
-                 flush_interval_s: float | None = None, replica: str | None = None):
+                 flush_interval_s: float | None = None, replica: str | None = None,
+                 max_buffered_events: int | None = None, spill_dir: str | None = None,
+                 max_spill_bytes: int | None = None):
         self.config = config or LicensingConfig()
         secret = key if key is not None else (self.config.key.get_secret_value() if self.config.key else None)
         self._key = secret if isinstance(secret, bytes) else load_key(secret)
@@ -68,6 +73,11 @@ class MauTracker:
         self._pairs: dict[tuple[str, str], int] = {}
         self._buf = _Buffer()
         self._seq = 0
+        self.max_buffered = max_buffered_events or self.config.max_buffered_events
+        self.max_spill_bytes = self.config.max_spill_bytes if max_spill_bytes is None else max_spill_bytes
+        self._spill_dir = spill_dir or self.config.spill_dir  # made on first spill
+        self._spilled_bytes = 0
+        self.dropped_events = 0  # events lost because memory and spill were both full (store down for long)
         self._lock = threading.Lock()  # guards _buf and _pairs: record() may come from many threads
         self._flush_lock = threading.Lock()  # one flush at a time, so sequence numbers stay ordered
         self._stop = threading.Event()
@@ -97,8 +107,50 @@ class MauTracker:
             self._buf.hashes.append(h)
             self._buf.days.append(day)
             self._buf.pairs.append(code)
+            full = len(self._buf) >= self.max_buffered
+        if full:
+            self._spill_buffer()
         if self._thread is None and self.interval:
             self._start_flusher()
+
+    # ---- bounded memory: spill to local disk, then drop (counted) ---------------------------------------------
+    def _spill_path(self) -> Path:
+        if self._spill_dir is None:
+            from serving.expert_parallel.s3 import cache_root
+
+            self._spill_dir = str(cache_root() / "licensing-spill")
+        folder = Path(self._spill_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _spill_buffer(self) -> None:
+        """Move the in-memory buffer to a spill file (or drop it, counted, when the spill is full)."""
+        with self._lock:
+            if len(self._buf) < self.max_buffered:
+                return
+            buf, self._buf = self._buf, _Buffer()
+            names = sorted(self._pairs, key=self._pairs.get)
+        data = io.BytesIO()
+        np.savez(data, hashes=np.array(buf.hashes, dtype=np.uint64), days=np.array(buf.days, dtype=np.int64),
+                 pairs=np.array(buf.pairs, dtype=np.int64), names=np.array(json.dumps(names)))
+        blob = data.getvalue()
+        if self._spilled_bytes + len(blob) > self.max_spill_bytes:
+            self.dropped_events += len(buf)
+            log.error("licensing: store unreachable and spill full (%d bytes): dropped %d events, %d in all; these "
+                      "users are not counted", self._spilled_bytes, len(buf), self.dropped_events)
+            return
+        folder = self._spill_path()
+        final = folder / f"{self.replica}-{time.time_ns():020d}.npz"
+        tmp = final.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, final)
+        self._spilled_bytes += len(blob)
+        log.warning("licensing: %d events spilled to %s until the store is back", len(buf), folder)
+
+    def _spilled_files(self) -> list[Path]:
+        if self._spill_dir is None or not Path(self._spill_dir).is_dir():
+            return []
+        return sorted(Path(self._spill_dir).glob(f"{self.replica}-*.npz"))
 
     def _start_flusher(self) -> None:
         with self._lock:
@@ -116,29 +168,41 @@ class MauTracker:
 
     def flush(self) -> dict | None:
         """Commit what was recorded since the last flush; returns the marker once durable (None if nothing)."""
-        from licensing.ingest import Batch, commit_batch
-
         with self._flush_lock:
+            for path in self._spilled_files():  # what overflowed while the store was down goes first
+                z = np.load(path)
+                self._commit(z["hashes"], z["days"], z["pairs"], json.loads(str(z["names"])))
+                self._spilled_bytes = max(0, self._spilled_bytes - path.stat().st_size)
+                path.unlink()
             with self._lock:
                 buf, self._buf = self._buf, _Buffer()
                 names = sorted(self._pairs, key=self._pairs.get)
             if not buf:
                 return None
-            products = sorted({p for p, _ in names})
-            affiliates = sorted({a for _, a in names})
-            pcode_of = np.array([products.index(p) for p, _ in names], dtype=np.int64)
-            acode_of = np.array([affiliates.index(a) for _, a in names], dtype=np.int64)
-            pairs = np.array(buf.pairs, dtype=np.int64)
-            batch = Batch(np.array(buf.hashes, dtype=np.uint64), np.array(buf.days, dtype=np.int64),
-                          products, pcode_of[pairs], affiliates, acode_of[pairs])
             try:
-                marker = commit_batch(self.store, f"live:{self.replica}", self._seq, self._seq + 1, "flush",
-                                      batch, self.config.lg_k, self._key_id)
+                return self._commit(np.array(buf.hashes, dtype=np.uint64), np.array(buf.days, dtype=np.int64),
+                                    np.array(buf.pairs, dtype=np.int64), names)
             except Exception:
                 self._restore(buf)
+                if len(self._buf) >= self.max_buffered:
+                    self._spill_buffer()
                 raise
-            self._seq += 1
-            return marker
+
+    def _commit(self, hashes, days, pairs, names) -> dict:
+        """One chunk under the next sequence number. Any attempt uses a number of its own, failed or not: a
+        failure may leave part of the chunk written, and a retry under the same names would keep those parts
+        (writes are no-clobber) and lose what was recorded since."""
+        from licensing.ingest import Batch, commit_batch
+
+        names = [tuple(n) for n in names]
+        products = sorted({p for p, _ in names})
+        affiliates = sorted({a for _, a in names})
+        pcode_of = np.array([products.index(p) for p, _ in names], dtype=np.int64)
+        acode_of = np.array([affiliates.index(a) for _, a in names], dtype=np.int64)
+        batch = Batch(hashes, days, products, pcode_of[pairs], affiliates, acode_of[pairs])
+        seq, self._seq = self._seq, self._seq + 1
+        return commit_batch(self.store, f"live:{self.replica}", seq, seq + 1, "flush", batch, self.config.lg_k,
+                            self._key_id)
 
     def _restore(self, buf: _Buffer) -> None:
         with self._lock:

@@ -47,7 +47,6 @@ def _tracker(tmp_path, store, **kw):
     return t
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 14: a partial flush's names are reused")
 def test_a_flush_that_fails_part_way_loses_nothing_recorded_after(tmp_path):
     local = LocalStore(str(tmp_path / "store"))
     store = FaultyStore(local, fail=lambda p: p.startswith("commits/"))  # events and sketch written, marker not
@@ -64,7 +63,6 @@ def test_a_flush_that_fails_part_way_loses_nothing_recorded_after(tmp_path):
     assert _counted_uids(local) == {hash_one(t._key, u) for u in "abc"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 14: the buffer grows without bound")
 def test_memory_is_bounded_while_the_store_is_down_then_spilled_events_count(tmp_path, caplog):
     local = LocalStore(str(tmp_path / "store"))
     store = FaultyStore(local, fail=lambda p: True)
@@ -82,7 +80,6 @@ def test_memory_is_bounded_while_the_store_is_down_then_spilled_events_count(tmp
     assert not any(spill.iterdir())  # spilled events were committed, then removed
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 14: concurrent compactions can drop a marker")
 def test_two_compactions_at_once_never_drop_a_marker(tmp_path):
     local = LocalStore(str(tmp_path / "store"))
     t = _tracker(tmp_path, local)
@@ -111,7 +108,6 @@ def test_two_compactions_at_once_never_drop_a_marker(tmp_path):
     assert total == 4, f"counted {total} users of 4"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 14: new directories are not fsynced")
 def test_new_directories_are_fsynced(tmp_path, monkeypatch):
     synced: list[str] = []
     real = os.fsync
