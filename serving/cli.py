@@ -1,11 +1,14 @@
 """`herd serve`: put a checkpoint (or the model a cluster file names) behind the OpenAI-compatible HTTP API.
 
 It joins the local Ray cluster if one is running (else starts one on 127.0.0.1), deploys the Serve application
-from `serving.app:build_app`, prints where it listens, and blocks until Ctrl-C, which takes the app down.
+from `serving.app:build_app`, prints where it listens, and blocks until Ctrl-C or SIGTERM, which take the app
+down and, when herd started the Ray cluster, every Ray process it started.
 """
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +34,10 @@ def serve_command(
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use in `model`."),
     lora_adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder to serve (merged at load), "
                                                            "e.g. a fine-tune's output/adapter."),
+    trust_user_field: Optional[bool] = typer.Option(
+        None, "--trust-user-field/--no-trust-user-field",
+        help="Count the body's `user` / X-User-Id as the licence's user (namespaced by the key's identity). "
+             "Default: on without --api-keys-file, off with it."),
     ray_address: str = typer.Option("auto", help="Ray cluster to join; 'auto' joins a running local one or starts "
                                                  "one on 127.0.0.1, 'local' always starts a fresh one."),
 ) -> None:
@@ -39,7 +46,8 @@ def serve_command(
     overrides = {"expert_parallel_size": expert_parallel, "max_num_seqs": max_num_seqs,
                  "max_model_len": max_model_len, "served_model_name": served_model_name,
                  "api_keys_file": str(api_keys_file) if api_keys_file else None,
-                 "lora_adapter": str(lora_adapter.resolve()) if lora_adapter else None}
+                 "lora_adapter": str(lora_adapter.resolve()) if lora_adapter else None,
+                 "trust_user_field": trust_user_field}
     args.update({k: v for k, v in overrides.items() if v is not None})
     run_blocking(args, host, port or default_port, ray_address)
 
@@ -71,32 +79,75 @@ def run_blocking(args: dict, host: str, port: int, ray_address: str = "auto") ->
     import ray
     from ray import serve
 
-    _join_or_start(ray, ray_address)
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    # SIGTERM (a process manager, `kill`) stops herd as Ctrl-C does: without this Python would exit at once and
+    # the Ray processes herd started (GCS, raylet, its agents, Serve's actors) would outlive it.
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = _join_or_start(ray, ray_address)
+    signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installs its own (exit at once)
     try:
-        serve.run(app, name="herd", route_prefix="/", blocking=False)
-    except Exception as e:
-        raise UserError(f"the model did not start: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}; "
-                        "see the Ray logs (/tmp/ray/session_latest/logs/serve) for the cause", exit_code=1) from None
-    # Flushed at once: under a process manager stdout is a file or pipe, and Ray's shutdown may not flush it.
-    print(f"herd: serving at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops). Built with Llama.",
-          flush=True)
-    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        try:
+            serve.run(app, name="herd", route_prefix="/", blocking=False)
+        except Exception as e:
+            raise UserError(f"the model did not start: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}; "
+                            "see the Ray logs (/tmp/ray/session_latest/logs/serve) for the cause", exit_code=1) from None
+        # Flushed at once: under a process manager stdout is a file or pipe, and Ray's shutdown may not flush it.
+        print(f"herd: serving at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops). Built with Llama.",
+              flush=True)
         import time
 
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        typer.echo("herd: stopping")
+        print("herd: stopping", flush=True)
     finally:
-        serve.delete("herd")
+        _stop(ray, serve, started)
 
 
-def _join_or_start(ray, address: str) -> None:
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(ray, serve, started: bool) -> None:
+    """Take the app down; if herd started the Ray cluster, stop Serve and every Ray process it started."""
+    import psutil
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ours = psutil.Process().children(recursive=True) if started else []
+    steps = [lambda: serve.delete("herd")] + ([serve.shutdown] if started else []) + [ray.shutdown]
+    for step in steps:
+        try:
+            step()
+        except Exception as e:  # keep going: the later steps free more
+            print(f"herd: while stopping: {e.__class__.__name__}", file=sys.stderr, flush=True)
+    # ray.shutdown stops the GCS and raylet it started; the raylet's agents (dashboard, runtime env) are left
+    # orphaned and linger. herd started them, so herd stops them.
+    _terminate([p for p in ours if p.is_running()])
+
+
+def _terminate(procs, grace_s: float = 10.0) -> None:
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _join_or_start(ray, address: str) -> bool:
+    """Join the cluster at `address` (False) or start a local one (True: herd owns it and stops it)."""
     if address != "local":
         try:
             ray.init(address=address, logging_level="WARNING")
-            return
+            return False
         except ConnectionError:
             if address != "auto":
                 raise UserError(f"no Ray cluster at {address}; start one (`ray start --head`) or pass "
@@ -106,3 +157,4 @@ def _join_or_start(ray, address: str) -> None:
     except Exception as e:  # e.g. the raylet missed Ray's fixed 30 s startup window on an overloaded machine
         raise UserError(f"could not start a local Ray cluster ({str(e).splitlines()[0][:200]}); retry, or start "
                         "one with `ray start --head` and run herd serve again to join it", exit_code=1) from None
+    return True

@@ -29,7 +29,6 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 3: Ray processes outlive herd serve on SIGTERM")
 def test_sigterm_stops_everything_herd_serve_started(tmp_path, scout_tiny):
     port = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}

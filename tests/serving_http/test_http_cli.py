@@ -50,7 +50,8 @@ def test_herd_serve_end_to_end_counts_users_for_the_licence(tmp_path, scout_tiny
     env = {**os.environ, "HERD_LICENSING_KEY": KEY_HEX, "HERD_LICENSING_STORE": str(store),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
     argv = HERD + ["serve", str(scout_tiny), "--port", str(port), "--ray-address", "local", "--api-keys-file",
-                   str(keys_file), "--max-model-len", "96", "--max-num-seqs", "2", "--served-model-name", "scout-tiny"]
+                   str(keys_file), "--max-model-len", "96", "--max-num-seqs", "2", "--served-model-name", "scout-tiny",
+                   "--trust-user-field"]  # with keys, named users count only when trusted, as identity/user
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     retried = False
@@ -101,7 +102,8 @@ def test_herd_serve_end_to_end_counts_users_for_the_licence(tmp_path, scout_tiny
     assert files, f"no events flushed to {store}: {output[-2000:]}"
     uids = {u for f in files for u in pq.read_table(f).column("uid").to_pylist()}
     key = bytes.fromhex(KEY_HEX)
-    assert uids == {hash_one(key, ALICE), hash_one(key, BOB), hash_one(key, API_IDENTITY)}
+    assert uids == {hash_one(key, f"{API_IDENTITY}/{ALICE}"), hash_one(key, f"{API_IDENTITY}/{BOB}"),
+                    hash_one(key, API_IDENTITY)}
     for text in [output] + [p.read_bytes().decode("latin-1") for p in store.rglob("*") if p.is_file()]:
         for raw in ("alice-zq9", "bob-zq9", "mallory-zq9", API_KEY):
             assert raw not in text
