@@ -41,6 +41,7 @@ class Layout:
     context: int
     concurrent: int
     expert_copies_per_gpu: int  # over all MoE layers, on the busiest GPU
+    vision_bytes: float = 0.0  # vision encoder + projector, held beside the non-expert weights
 
     @property
     def expert_parallel_size(self) -> int:
@@ -56,12 +57,13 @@ class GpuMemory:
     non_expert: float
     routed_experts: float
     reserve: float
+    vision: float  # this GPU's share of the vision tower
     kv_budget: float
     kv_needed: float  # this GPU's share of max_concurrent_sequences at full context
 
     @property
     def weights(self) -> float:
-        return self.non_expert + self.routed_experts
+        return self.non_expert + self.routed_experts + self.vision
 
     @property
     def headroom(self) -> float:
@@ -137,6 +139,7 @@ def plan(spec: ClusterSpec, throughput: float | None = None) -> Plan:
         memory_per_gpu=group.memory_per_gpu(), fraction=s.gpu_memory_fraction, reserve=s.runtime_reserve_gib * 2**30,
         context=s.max_context_len, concurrent=s.max_concurrent_sequences,
         expert_copies_per_gpu=_busiest_worker_copies(placement),
+        vision_bytes=_vision(spec, cfg)["weight_bytes_vision"],
     )
     mem, kv = memory(cfg, layout, replicas=s.replicas)
     reasons, fixes, warnings = _verdict(spec, cfg, layout, mem, kv)
@@ -150,7 +153,8 @@ def plan(spec: ClusterSpec, throughput: float | None = None) -> Plan:
                "params_routed_experts": counts.routed_experts, "params_active": counts.active,
                "experts": cfg.num_local_experts, "moe_layers": cfg.num_moe_layers, "layers": cfg.num_hidden_layers,
                "weight_dtype": layout.weight_dtype, "kv_cache_dtype": layout.kv_dtype,
-               "weight_bytes_non_expert": wb.non_expert, "weight_bytes_routed_experts": wb.routed_experts},
+               "weight_bytes_non_expert": wb.non_expert, "weight_bytes_routed_experts": wb.routed_experts,
+               **_vision(spec, cfg)},
         layout={"node_group": group.name, "node_group_index": gi, "gpu": group.gpu,
                 "gpus_per_node": 0 if group.kind.is_cpu else group.gpus_per_node,
                 "workers_per_node": group.gpus_per_node, "replicas": s.replicas,
@@ -170,7 +174,8 @@ def memory(cfg: TextConfig, layout: Layout, replicas: int = 1) -> tuple[GpuMemor
     non_expert = wb.non_expert / g
     experts = per_expert_layer * layout.expert_copies_per_gpu
     usable = layout.memory_per_gpu * layout.fraction
-    budget = usable - non_expert - experts - layout.reserve
+    vision = layout.vision_bytes / g  # split like the other non-expert weights
+    budget = usable - non_expert - experts - vision - layout.reserve
 
     kvt = kv_bytes_per_token(cfg, layout.kv_dtype)
     # Share of a token's KV one GPU holds: KV heads split over the node's GPUs (replicated if fewer heads).
@@ -191,8 +196,26 @@ def memory(cfg: TextConfig, layout: Layout, replicas: int = 1) -> tuple[GpuMemor
         context_for_target=min(_longest_context(kvt, node_budget / seqs_on_node), cfg.max_position_embeddings),
     )
     mem = GpuMemory(total=layout.memory_per_gpu, usable=usable, non_expert=non_expert, routed_experts=experts,
-                    reserve=layout.reserve, kv_budget=budget, kv_needed=seq_bytes * seqs_on_node * share)
+                    reserve=layout.reserve, vision=vision, kv_budget=budget, kv_needed=seq_bytes * seqs_on_node * share)
     return mem, kv
+
+
+def _vision(spec: ClusterSpec, cfg: TextConfig) -> dict:
+    """The vision tower's parameters and bytes (bf16, or fp32 for fp32 weights), and the worst-case image tokens
+    of one request: serving.images.max_per_request images of a full tile grid (16 tiles + the global one)."""
+    from llama4.images import ImageConfig
+    from llama4.sizing import vision_params
+
+    v = spec.vision_config
+    if not v:
+        return {"params_vision": 0, "weight_bytes_vision": 0.0, "image_tokens_per_image_max": 0,
+                "image_tokens_per_request_max": 0}
+    params = vision_params(v, cfg.hidden_size)
+    per_image = ImageConfig(tile_size=v["image_size"], patch_size=v["patch_size"],
+                            pixel_shuffle_ratio=v["pixel_shuffle_ratio"]).max_image_tokens()
+    return {"params_vision": params, "weight_bytes_vision": params * (4.0 if spec.model.weight_dtype == "fp32" else 2.0),
+            "image_tokens_per_image_max": per_image,
+            "image_tokens_per_request_max": per_image * spec.serving.images.max_per_request}
 
 
 def _longest_context(kvt, budget: float) -> int:
@@ -280,7 +303,7 @@ def _verdict(spec: ClusterSpec, cfg: TextConfig, layout: Layout, mem: GpuMemory,
     unit = "GPU" if not group.kind.is_cpu else "worker"
     if mem.weights + mem.reserve > mem.usable:
         reasons.append(f"weights need {mem.weights / GB:.1f} GB per {unit} ({mem.non_expert / GB:.1f} non-expert + "
-                       f"{mem.routed_experts / GB:.1f} routed experts) plus {mem.reserve / GB:.1f} GB runtime reserve, "
+                       f"{mem.routed_experts / GB:.1f} routed experts + {mem.vision / GB:.1f} vision) plus {mem.reserve / GB:.1f} GB runtime reserve, "
                        f"but only {mem.usable / GB:.1f} GB is usable ({s.gpu_memory_fraction:.0%} of "
                        f"{mem.total / GB:.1f} GB)")
         _weight_fixes(spec, cfg, layout, fixes, gi)
@@ -295,6 +318,11 @@ def _verdict(spec: ClusterSpec, cfg: TextConfig, layout: Layout, mem: GpuMemory,
             f"replica, fewer than serving.max_concurrent_sequences ({s.max_concurrent_sequences}); all "
             f"{s.max_concurrent_sequences} fit when each is at most {kv.context_for_target} tokens, else requests "
             "wait for cache space")
+    images = _vision(spec, cfg)["image_tokens_per_request_max"]
+    if images >= s.max_context_len:
+        warnings.append(f"a request with serving.images.max_per_request ({s.images.max_per_request}) full-size "
+                        f"images takes {images} prompt tokens, more than max_context_len ({s.max_context_len}): "
+                        "such requests get a 400; lower serving.images.max_per_request or raise max_context_len")
     if spec.model.weight_dtype in ("fp8", "int4"):
         warnings.append(f"weight_dtype {spec.model.weight_dtype} is planned, but the herd engine serves bf16/fp32 "
                         "weights only today: herd render --target serve will refuse it")

@@ -25,6 +25,8 @@ def format_plan(p: Plan, source: str | None = None) -> str:
         f"per {unit:<6} {g.total / GB:.1f} GB, usable {g.usable / GB:.1f} GB:",
         f"  non-expert share     {g.non_expert / GB:9.2f} GB",
         f"  routed-expert slice  {g.routed_experts / GB:9.2f} GB",
+        f"  vision tower share   {g.vision / GB:9.2f} GB  ({_count(m['params_vision'])} params; images: up to "
+        f"{m['image_tokens_per_image_max']:,} prompt tokens each, {m['image_tokens_per_request_max']:,} per request)",
         f"  runtime reserve      {g.reserve / GB:9.2f} GB",
         f"  KV-cache budget      {g.kv_budget / GB:9.2f} GB",
         f"  KV needed            {g.kv_needed / GB:9.2f} GB  ({lay['max_concurrent_sequences']} sequences x "

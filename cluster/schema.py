@@ -112,6 +112,16 @@ class Model(_Closed):
     kv_cache_dtype: KVDtype = Field("bf16", description="KV-cache dtype: bf16, fp8 or fp32")
 
 
+class ServingImages(_Closed):
+    """Limits on the images in requests (Llama 4 reads several per prompt; each can take 17 tiles)."""
+
+    max_per_request: int = Field(8, ge=0, le=64, description="images one request may carry (0: text only)")
+    max_bytes: int = Field(5 * 2**20, ge=1024, le=2**30, description="largest encoded image, bytes")
+    max_pixels: int = Field(40_000_000, ge=1, le=2**31, description="largest image, width x height")
+    url_allowed_hosts: list[str] = Field(default_factory=list, description="hosts http(s) image URLs may name "
+                                                                           "(empty: data: URLs only)")
+
+
 class Serving(_Closed):
     """How the model is served: replicas, their size, and the limits each replica enforces."""
 
@@ -131,6 +141,7 @@ class Serving(_Closed):
     api_keys_file: str | None = Field(None, description="file mapping API keys to identities (none: no auth)")
     placement_file: str | None = Field(None, description="expert placement JSON (default: contiguous blocks)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
+    images: ServingImages = Field(default_factory=ServingImages, description="limits on request images")
 
 
 class Storage(_Closed):
@@ -185,6 +196,18 @@ class ClusterSpec(_Closed):
     def text_config(self) -> TextConfig:
         """The model's shape, from the preset or the checkpoint's config.json."""
         return resolve_text_config(self.model)
+
+
+    @cached_property
+    def vision_config(self) -> dict | None:
+        """The model's `vision_config` (preset or checkpoint config.json); None for a text-only checkpoint."""
+        from llama4.presets import PRESETS
+
+        if self.model.preset is not None:
+            return dict(PRESETS[self.model.preset].vision)
+        import json
+
+        return json.loads((Path(str(self.model.checkpoint)) / "config.json").read_text()).get("vision_config")
 
 
 def resolve_text_config(model: Model) -> TextConfig:

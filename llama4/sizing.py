@@ -132,3 +132,14 @@ def max_sequences(cfg: TextConfig, budget_bytes: float, context_len: int, kv_dty
     """How many full-context sequences fit a KV-cache budget (chunked layers capped at the chunk)."""
     per_seq = kv_bytes_per_token(cfg, kv_dtype).sequence_bytes(context_len)
     return int(budget_bytes // per_seq) if per_seq > 0 else 0
+
+
+def vision_params(vision: dict, text_hidden_size: int) -> int:
+    """Parameters of the vision encoder and the projector to the text width, from a `vision_config` dict
+    (what the serving process holds besides the text model when it takes images)."""
+    c, inter, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
+    patches = (vision["image_size"] // p) ** 2 + 1  # + the class token
+    per_layer = 4 * (c * c + c) + (c * inter + inter) + (inter * c + c) + 2 * 2 * c  # attention, MLP, 2 LayerNorms
+    embed = vision.get("num_channels", 3) * p * p * c + c + patches * c + 2 * 2 * c  # patches, class, positions, norms
+    adapter = inter * vision["projector_input_dim"] + vision["projector_output_dim"] ** 2
+    return embed + vision["num_hidden_layers"] * per_layer + adapter + vision["vision_output_dim"] * text_hidden_size

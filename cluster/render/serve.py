@@ -71,6 +71,11 @@ def serve_args(spec: ClusterSpec, absolute_paths: bool = True) -> dict[str, Any]
         args["placement_file"] = fix(s.placement_file)
     if s.replicas > 1:
         args["num_replicas"] = s.replicas
+    img, default = s.images, type(s.images)()
+    for key, arg in (("max_per_request", "max_images_per_request"), ("max_bytes", "max_image_bytes"),
+                     ("max_pixels", "max_image_pixels"), ("url_allowed_hosts", "image_url_allowed_hosts")):
+        if getattr(img, key) != getattr(default, key):  # defaults stay out: the Serve args have the same ones
+            args[arg] = getattr(img, key)
     return args
 
 

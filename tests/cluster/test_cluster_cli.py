@@ -20,6 +20,9 @@ def test_plan_fits_exit_0_with_per_gpu_figures(capsys):
     assert rc == 0
     assert "  non-expert share          3.54 GB" in out
     assert "  routed-expert slice      48.32 GB" in out
+    # the released vision tower (0.87B params, bf16) split over 8 GPUs; 8 images of 16 + 1 tiles x 144 tokens
+    assert "  vision tower share        0.22 GB  (871.9M params; images: up to 2,467 prompt tokens each, 19,736 " \
+           "per request)" in out
     assert "KV-cache budget" in out and "headroom" in out
     assert "  node 1 gpu 7: experts 120-127" in out
     assert "per million tokens (estimate: assumes a sustained 5000" in out
@@ -31,7 +34,8 @@ def test_plan_does_not_fit_exit_1_with_reasons_and_fixes(cluster_doc, write_clus
     out = capsys.readouterr().out
     assert rc == 1
     tail = out[out.index("DOES NOT FIT"):].splitlines()
-    assert tail[1].startswith("  because weights need 100.2 GB per GPU")
+    assert tail[1].startswith("  because weights need 100.4 GB per GPU (3.5 non-expert + 96.6 routed experts + 0.2 "
+                              "vision)")
     assert "  fix: add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2)" in tail
 
 

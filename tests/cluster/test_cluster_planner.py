@@ -25,7 +25,8 @@ def test_maverick_fp8_fits_one_8xh100_node(cluster_doc):
 def test_maverick_bf16_does_not_fit_one_node_but_fits_two(cluster_doc):
     one = _plan(cluster_doc, preset="maverick", dtype="bf16")
     assert not one.fits
-    assert one.reasons[0].startswith("weights need 100.2 GB per GPU (3.5 non-expert + 96.6 routed experts)")
+    assert one.reasons[0].startswith("weights need 100.4 GB per GPU (3.5 non-expert + 96.6 routed experts + 0.2 "
+                                     "vision)")
     assert "add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2)" in one.fixes
     assert "use a smaller weight dtype: set model.weight_dtype to fp8 (fits on 1 node(s) per replica; the engine " \
            "serves bf16/fp32 only today)" in one.fixes
@@ -102,7 +103,7 @@ def test_context_too_long_fix_lowers_it_to_a_context_that_fits(cluster_doc):
     doc = dict(preset="scout", dtype="int4", gpus=1, max_context_len=500_000, max_concurrent_sequences=1)
     p = _plan(cluster_doc, **doc)
     assert not p.fits
-    assert p.reasons[0].startswith("the KV cache (17.72 GB per GPU) cannot hold one 500000-token sequence")
+    assert p.reasons[0].startswith("the KV cache (15.97 GB per GPU) cannot hold one 500000-token sequence")
     fix = next(f for f in p.fixes if f.startswith("lower the context"))
     ctx = int(fix.split("to ")[1].split()[0])
     assert ctx == p.kv.longest_context_per_node

@@ -145,7 +145,7 @@ def test_serve_refuses_a_plan_that_does_not_fit(cluster_doc):
     with pytest.raises(UserError) as e:
         _render(cluster_doc, "serve", preset="maverick", dtype="bf16")
     assert e.value.exit_code == 1
-    assert str(e.value).startswith("the plan does not fit (weights need 100.2 GB per GPU")
+    assert str(e.value).startswith("the plan does not fit (weights need 100.4 GB per GPU")
 
 
 def test_ray_cluster_needs_aws_and_instance_types(cluster_doc):
