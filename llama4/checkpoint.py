@@ -301,6 +301,12 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {full!r} is missing from {self.path}")
         return self._handle(self.weight_map[full]).get_tensor(full)
 
+    def get_raw(self, full_name: str) -> torch.Tensor:
+        """A tensor by its name in the files (e.g. `vision_model.*`, which has no text-model name)."""
+        if full_name not in self.weight_map:
+            raise CheckpointError(f"tensor {full_name!r} is missing from {self.path}")
+        return self._handle(self.weight_map[full_name]).get_tensor(full_name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape from its file's header (no data read)."""
         full = self.full_name(name)

@@ -133,8 +133,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
+    """The paged KV cache (serving/engine/kv_cache.py)."""
+
     max_model_len: int
     kv_cache_memory_bytes: float | None = None  # per process; with expert parallelism per worker
+    block_size: int = 16  # tokens per block (vLLM's default); must divide the model's attention chunk
+    enable_prefix_caching: bool = True  # reuse cached blocks of a shared prompt prefix (vLLM's default)
+    mean_sequence_tokens: int = 2048  # how the budget is split between the global and chunked layers' pools
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1:
@@ -142,6 +147,9 @@ class CacheConfig:
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise EngineConfigError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}; leave it "
                                     "unset to size the cache by max_num_seqs")
+        if self.block_size < 1 or self.mean_sequence_tokens < 1:
+            raise EngineConfigError(f"block_size ({self.block_size}) and mean_sequence_tokens "
+                                    f"({self.mean_sequence_tokens}) must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -262,6 +270,9 @@ class EngineConfig:
 
     def validate(self, given: set[str] = frozenset()) -> None:
         m, c, par = self.model, self.cache, self.parallel
+        if m.text.attention_chunk_size % c.block_size:
+            raise EngineConfigError(f"block_size ({c.block_size}) must divide the model's attention_chunk_size "
+                                    f"({m.text.attention_chunk_size}): a chunk's blocks are freed together")
         if c.max_model_len > m.text.max_position_embeddings:
             raise EngineConfigError(f"max_model_len ({c.max_model_len}) exceeds the model's max_position_embeddings "
                                     f"({m.text.max_position_embeddings}); lower max_model_len")

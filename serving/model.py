@@ -2,15 +2,15 @@
 
 It computes exactly what Hugging Face transformers' `Llama4ForCausalLM` computes (same weights, same names), but
 over a flat batch of tokens from many sequences at once (prefill pieces and decode tokens mixed), reading and
-writing a static KV cache addressed by (slot, position), and running each routed expert only on the tokens the
-router sent to it. Tensor and expert parallelism are applied from outside (serving/expert_parallel/): they swap
+writing a paged KV cache through per-sequence block tables (serving/engine/kv_cache.py hands the blocks out), and
+running each routed expert only on the tokens the router sent to it. Tensor and expert parallelism are applied from outside (serving/expert_parallel/): they swap
 parameters or the `RoutedExperts` module after loading; nothing here knows about them.
 
 Llama 4 specifics, as transformers defines them:
 - RoPE layers (`cfg.rope_layers[i]`): complex RoPE on adjacent pairs, llama3 frequency scaling when configured,
   then the weightless L2 QK-norm when `use_qk_norm`, and chunked local attention: a token at position p sees
   only positions in [p // C * C, p] (chunks aligned at multiples of C = attention_chunk_size, not a window).
-  Their cache is a ring of C entries per sequence: position p lives at p % C.
+  Their cache holds only the current chunk's blocks: key p lives at entry (p - p // C * C) of the chunk table.
 - NoPE layers: no rotation, global causal attention over the whole context, and attention temperature tuning
   that scales queries by 1 + attn_scale * log1p(floor((p + 1) / floor_scale)) on absolute positions p.
 - MoE layers: router logits, top-k, sigmoid of the chosen logits scales the expert *input*; plus a shared expert.
@@ -19,7 +19,7 @@ Shape legend (suffixes on tensor names):
   T tokens in the flat batch      D hidden size            V vocabulary
   H query heads, G = H // Hkv     Hkv key/value heads       Dh head dim
   E experts (logical)             El experts held here      K experts per token     A = T * K assignments
-  I expert intermediate size      S cache slots             L cached positions       B sequences
+  I expert intermediate size      L keys read               M blocks per table        B sequences
 """
 from __future__ import annotations
 
@@ -39,97 +39,119 @@ from serving import moe
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class SeqSpan:
-    """One sequence's run of tokens inside the flat batch."""
+    """One sequence's run of tokens inside the flat batch, and the KV-cache blocks it reads and writes.
 
-    slot: int  # KV-cache slot of the sequence
+    Keys are addressed by block table, one per layer type (`ring`: False for global layers, True for chunked
+    ones): entry i of a table holds the block with the sequence's keys [first_key + i*bs, first_key + (i+1)*bs),
+    where first_key is 0 on global layers and the current chunk's start on chunked layers.
+    """
+
     offset: int  # index of its first token in the flat batch
     length: int  # tokens it contributes this step
     start_pos: int  # absolute position of its first token
+    tables: dict[bool, list[int]]  # ring -> block table
+    first_key: dict[bool, int]  # ring -> absolute position of the table's first key
 
 
 @dataclass
 class Batch:
-    """Everything a forward step needs to know about its flat batch of tokens (all tensors on the model device)."""
+    """Everything a forward step needs to know about its flat batch of tokens (all tensors on the model device).
+
+    The block addressing of each layer type is worked out once per step (`write_index`, `decode_tables`,
+    `span_keys`) and reused by every layer of that type.
+    """
 
     tokens_T: torch.Tensor  # int64 [T]
     positions_T: torch.Tensor  # int64 [T]
-    slots_T: torch.Tensor  # int64 [T]
     logits_idx_N: torch.Tensor  # int64 [N] rows whose next-token logits are wanted
     spans: list[SeqSpan]
     # Single-token sequences (decode) are attended to together; longer ones (prefill pieces) one by one.
+    decode: list[SeqSpan]
     decode_rows_B: torch.Tensor | None  # int64 [B] rows of the single-token sequences (None: all rows are)
-    decode_slots_B: torch.Tensor
-    decode_pos_B: torch.Tensor
-    decode_max_pos: int
-    decode_max_ring: int  # max of position % chunk size
-    # When the decode slots are exactly [start, start + B) in some order, attention reads that cache slice in place
-    # and permutes the few query rows instead (slots are handed out and freed in any order).
-    decode_slot_start: int | None
-    decode_order_B: torch.Tensor | None  # int64 [B]: decode row whose slot is start + i (None: already in order)
     prefill: list[SeqSpan]
-    single: SeqSpan | None = None  # the one sequence, when the batch holds just one (cache views, no gathers)
-    chunk_size: int = 0
+    block_size: int
+    single: SeqSpan | None = None  # the one sequence, when the batch holds just one (no mask)
     # Early fusion (images): these rows' token embeddings are replaced by the vision tower's (serving/vision.py).
     mm_rows_R: torch.Tensor | None = None  # int64 [R]
     mm_embeds_RD: torch.Tensor | None = None  # [R, D]
-    _masks: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, ring: bool, length: int) -> torch.Tensor:
-        """bool [B, 1, 1, L]: which cache entries each decoding sequence sees (made once per step and layer type)."""
-        masks = self._masks
-        if ring not in masks:
-            pos_B = self.decode_pos_B if self.decode_order_B is None else self.decode_pos_B[self.decode_order_B]
-            pos_B = pos_B % self.chunk_size if ring else pos_B
-            keys_L = torch.arange(length, device=pos_B.device)
-            masks[ring] = (keys_L[None, :] <= pos_B[:, None])[:, None, None, :]
-        return masks[ring]
+    def write_index(self, ring: bool) -> torch.Tensor:
+        """int64 [T]: row of the flattened cache [blocks * bs] where each token's key and value go."""
+        key = ("write", ring)
+        if key not in self._memo:
+            bs, rows = self.block_size, []
+            for s in self.spans:
+                table, first = s.tables[ring], s.first_key[ring]
+                rows += [table[(p - first) // bs] * bs + p % bs for p in range(s.start_pos, s.start_pos + s.length)]
+            self._memo[key] = torch.tensor(rows, dtype=torch.long, device=self.tokens_T.device)
+        return self._memo[key]
+
+    def decode_tables(self, ring: bool) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """For the decoding sequences: block ids [B, M] (padded), keys to read L, and the bool [B, 1, 1, L] mask
+        of which of them each sequence sees (None when there is one sequence: it sees all L)."""
+        key = ("decode", ring)
+        if key not in self._memo:
+            dev, bs = self.tokens_T.device, self.block_size
+            seen = [s.start_pos - s.first_key[ring] + 1 for s in self.decode]  # keys each sequence attends to
+            L = max(seen)
+            M = -(-L // bs)
+            table = torch.tensor([s.tables[ring][:M] + [0] * (M - min(M, len(s.tables[ring]))) for s in self.decode],
+                                 dtype=torch.long, device=dev)
+            mask = None
+            if len(self.decode) > 1:
+                mask = (torch.arange(L, device=dev)[None, :] < torch.tensor(seen, device=dev)[:, None])[:, None, None]
+            self._memo[key] = (table, L, mask)
+        return self._memo[key]
+
+    def span_keys(self, span: SeqSpan, ring: bool) -> tuple[torch.Tensor | slice, int]:
+        """A prefill span's blocks (a slice when they are consecutive: a view, no gather) and its key count."""
+        key = ("span", ring, span.offset)
+        if key not in self._memo:
+            n_keys = span.start_pos + span.length - span.first_key[ring]
+            table = span.tables[ring][:-(-n_keys // self.block_size)]
+            if table == list(range(table[0], table[0] + len(table))):
+                blocks = slice(table[0], table[0] + len(table))
+            else:
+                blocks = torch.tensor(table, dtype=torch.long, device=self.tokens_T.device)
+            self._memo[key] = (blocks, n_keys)
+        return self._memo[key]
 
     @classmethod
-    def build(cls, spans: list[tuple[int, list[int], int, bool]], device: torch.device | str,
-              chunk_size: int) -> "Batch":
-        """From (slot, token_ids, start_pos, need_logits) per sequence.
+    def build(cls, spans: list[tuple[list[int], int, bool, list[int], int, list[int]]], device: torch.device | str,
+              chunk_size: int, block_size: int) -> "Batch":
+        """From (token_ids, start_pos, need_logits, global blocks, chunk start, chunked blocks) per sequence.
 
-        A piece must not cross an attention-chunk boundary (the scheduler splits prefill there): its RoPE-layer
-        keys share one ring of `chunk_size` entries.
+        A piece must not cross an attention-chunk boundary (the scheduler splits prefill there): its chunked-layer
+        keys all live in the blocks of one chunk.
         """
-        tokens, positions, slots, logits_idx, seq_spans = [], [], [], [], []
-        for slot, ids, start, need_logits in spans:
+        tokens, positions, logits_idx, seq_spans = [], [], [], []
+        for ids, start, need_logits, global_blocks, chunk_start, chunked_blocks in spans:
             n = len(ids)
             if n == 0:
                 raise ValueError("a sequence chunk must hold at least one token")
             if start // chunk_size != (start + n - 1) // chunk_size:
                 raise ValueError(f"prefill piece [{start}, {start + n}) crosses an attention-chunk boundary "
                                  f"(chunk size {chunk_size}); split it at multiples of the chunk size")
-            seq_spans.append(SeqSpan(slot, len(tokens), n, start))
+            seq_spans.append(SeqSpan(len(tokens), n, start, {False: global_blocks, True: chunked_blocks},
+                                     {False: 0, True: chunk_start}))
             tokens.extend(ids)
             positions.extend(range(start, start + n))
-            slots.extend([slot] * n)
             if need_logits:
                 logits_idx.append(len(tokens) - 1)
         decode = [s for s in seq_spans if s.length == 1]
         prefill = [s for s in seq_spans if s.length > 1]
         as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        all_decode = not prefill
-        decode_slots = [s.slot for s in decode]
-        order = sorted(range(len(decode)), key=decode_slots.__getitem__)
-        start = decode_slots[order[0]] if decode else 0
-        in_place = bool(decode) and [decode_slots[i] for i in order] == list(range(start, start + len(decode)))
         return cls(
             tokens_T=as_long(tokens),
             positions_T=as_long(positions),
-            slots_T=as_long(slots),
             logits_idx_N=as_long(logits_idx),
             spans=seq_spans,
-            decode_rows_B=None if all_decode else as_long([s.offset for s in decode]),
-            decode_slots_B=as_long(decode_slots),
-            decode_pos_B=as_long([s.start_pos for s in decode]),
-            decode_max_pos=max((s.start_pos for s in decode), default=-1),
-            decode_max_ring=max((s.start_pos % chunk_size for s in decode), default=-1),
-            decode_slot_start=start if in_place else None,
-            decode_order_B=as_long(order) if in_place and order != sorted(order) else None,
+            decode=decode,
+            decode_rows_B=None if not prefill else as_long([s.offset for s in decode]),
             prefill=prefill,
+            block_size=block_size,
             single=seq_spans[0] if len(seq_spans) == 1 else None,
-            chunk_size=chunk_size,
         )
 
 
@@ -204,7 +226,7 @@ class SwiGLU(nn.Module):
 # Attention
 # ---------------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    """GQA attention over the static cache; chunked-local on RoPE layers, global with temperature on NoPE ones."""
+    """GQA attention over the paged cache; chunked-local on RoPE layers, global with temperature on NoPE ones."""
 
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -212,24 +234,19 @@ class Attention(nn.Module):
         self.use_rope = cfg.rope_layers[layer]
         self.use_qk_norm = cfg.use_qk_norm and self.use_rope
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
-        self.chunk_size = cfg.attention_chunk_size
         self.eps = cfg.rms_norm_eps
         d = cfg.hidden_size
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.cache_k: torch.Tensor | None = None  # [S, Hkv, L, Dh]; L = chunk size on RoPE layers
+        self.cache_k: torch.Tensor | None = None  # [blocks, bs, Hkv, Dh]: this layer type's pool
         self.cache_v: torch.Tensor | None = None
 
-    def allocate_cache(self, num_slots: int, max_len: int, dtype: torch.dtype, device) -> None:
-        length = min(self.chunk_size, max_len) if self.use_rope else max_len
-        shape = (num_slots, self.n_kv_heads, length, self.head_dim)
+    def allocate_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> None:
+        shape = (num_blocks, block_size, self.n_kv_heads, self.head_dim)
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def _cache_index(self, pos: torch.Tensor) -> torch.Tensor:
-        return pos % self.chunk_size if self.use_rope else pos
 
     def forward(self, x_TD: torch.Tensor, batch: Batch, tables: StepTables) -> torch.Tensor:
         T = x_TD.shape[0]
@@ -245,65 +262,51 @@ class Attention(nn.Module):
             q_THX = (q_THX * tables.attn_scale_T[:, None, None]).to(q_THX.dtype)
 
         # Write this step's keys and values first, then every query reads its context from the cache.
-        one = batch.single
-        if one is not None:  # a piece never crosses a chunk boundary, so its ring entries are contiguous
-            start = one.start_pos % self.chunk_size if self.use_rope else one.start_pos
-            self.cache_k[one.slot, :, start:start + T] = k_THX.transpose(0, 1)
-            self.cache_v[one.slot, :, start:start + T] = v_THX.transpose(0, 1)
-        else:
-            cache_pos_T = self._cache_index(batch.positions_T)
-            self.cache_k[batch.slots_T, :, cache_pos_T] = k_THX.to(self.cache_k.dtype)
-            self.cache_v[batch.slots_T, :, cache_pos_T] = v_THX.to(self.cache_v.dtype)
+        rows_T = batch.write_index(self.use_rope)
+        self.cache_k.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, rows_T, k_THX.to(self.cache_k.dtype))
+        self.cache_v.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, rows_T, v_THX.to(self.cache_v.dtype))
 
         if not batch.prefill:
             out_TX = self._decode(q_THX, batch)
         else:
             out_TX = torch.empty(T, self.n_heads * self.head_dim, dtype=x_TD.dtype, device=x_TD.device)
-            if batch.decode_rows_B.numel():
+            if batch.decode:
                 out_TX[batch.decode_rows_B] = self._decode(q_THX[batch.decode_rows_B], batch)
             for span in batch.prefill:
                 rows = slice(span.offset, span.offset + span.length)
-                out_TX[rows] = self._prefill(q_THX[rows], span)
+                out_TX[rows] = self._prefill(q_THX[rows], span, batch)
         return self.o_proj(out_TX)
 
     def _decode(self, q_BHX: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """One query per sequence, all sequences in one padded attention call."""
+        """One query per sequence, all sequences in one padded attention call over their gathered blocks."""
         B = q_BHX.shape[0]
-        # On RoPE layers only the current chunk's ring entries [0, p % C] are live.
-        length = (batch.decode_max_ring if self.use_rope else batch.decode_max_pos) + 1
-        mask, order_B = None, None
-        if batch.single is not None:  # one sequence: every cached entry up to its position counts, no mask
-            slot = batch.single.slot
-            k_BHLX, v_BHLX = self.cache_k[slot:slot + 1, :, :length], self.cache_v[slot:slot + 1, :, :length]
-        else:
-            # Slots [start, start + B) in any order (the usual case): read the cache in place, queries in slot
-            # order. Otherwise index_select, which copies these strided rows 3-4x faster than advanced indexing.
-            if batch.decode_slot_start is not None:
-                rows, order_B = slice(batch.decode_slot_start, batch.decode_slot_start + B), batch.decode_order_B
-                k_BHLX, v_BHLX = self.cache_k[rows, :, :length], self.cache_v[rows, :, :length]
-                if order_B is not None:
-                    q_BHX = q_BHX.index_select(0, order_B)
-            else:
-                k_BHLX = self.cache_k[:, :, :length].index_select(0, batch.decode_slots_B)
-                v_BHLX = self.cache_v[:, :, :length].index_select(0, batch.decode_slots_B)
-            mask = batch.decode_mask(self.use_rope, length)
-        q_BHGX = q_BHX.view(B, self.n_kv_heads, -1, self.head_dim)  # query head h = kv head h // G
-        out = F.scaled_dot_product_attention(q_BHGX, k_BHLX.to(q_BHX.dtype), v_BHLX.to(q_BHX.dtype),
-                                             attn_mask=mask).reshape(B, -1)
-        return out if order_B is None else torch.empty_like(out).index_copy_(0, order_B, out)
+        table_BM, L, mask = batch.decode_tables(self.use_rope)
+        M, bs = table_BM.shape[1], batch.block_size
 
-    def _prefill(self, q_nHX: torch.Tensor, span: SeqSpan) -> torch.Tensor:
+        def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, L, Dh]
+            return cache.index_select(0, table_BM.view(-1)).view(B, M * bs, self.n_kv_heads, -1)[:, :L].transpose(1, 2)
+
+        q_BHGX = q_BHX.view(B, self.n_kv_heads, -1, self.head_dim)  # query head h = kv head h // G
+        k_BHLX, v_BHLX = gather(self.cache_k), gather(self.cache_v)
+        out = F.scaled_dot_product_attention(q_BHGX, k_BHLX.to(q_BHX.dtype), v_BHLX.to(q_BHX.dtype), attn_mask=mask)
+        return out.reshape(B, -1)
+
+    def _prefill(self, q_nHX: torch.Tensor, span: SeqSpan, batch: Batch) -> torch.Tensor:
         """A prefill piece of one sequence: causal attention to everything its chunk (or the context) holds."""
         n, end = span.length, span.start_pos + span.length
-        first_key = (span.start_pos // self.chunk_size) * self.chunk_size if self.use_rope else 0
-        k_HLX = self.cache_k[span.slot, :, : end - first_key]
-        v_HLX = self.cache_v[span.slot, :, : end - first_key]
+        blocks, n_keys = batch.span_keys(span, self.use_rope)
+
+        def keys(cache: torch.Tensor) -> torch.Tensor:  # [Hkv, L, Dh]
+            held = cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks)
+            return held.reshape(-1, self.n_kv_heads, self.head_dim)[:n_keys].transpose(0, 1)
+
+        first_key = span.first_key[self.use_rope]
         key_pos = torch.arange(first_key, end, device=q_nHX.device)
         q_pos = torch.arange(span.start_pos, end, device=q_nHX.device)
         mask_nL = key_pos[None, :] <= q_pos[:, None]
         out = F.scaled_dot_product_attention(
-            q_nHX.transpose(0, 1)[None], k_HLX[None].to(q_nHX.dtype), v_HLX[None].to(q_nHX.dtype),
-            attn_mask=mask_nL, enable_gqa=True)  # [1, H, n, Dh]
+            q_nHX.transpose(0, 1)[None], keys(self.cache_k)[None].to(q_nHX.dtype),
+            keys(self.cache_v)[None].to(q_nHX.dtype), attn_mask=mask_nL, enable_gqa=True)  # [1, H, n, Dh]
         return out[0].transpose(0, 1).reshape(n, -1)
 
 
@@ -419,11 +422,14 @@ class Transformer(nn.Module):
                 module.weight.data = module.weight.data.t().contiguous().t()
         return self
 
-    def allocate_kv_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Preallocate every layer's cache: `max_len` positions on global layers, one chunk on RoPE layers."""
+    def allocate_kv_cache(self, global_blocks: int, chunked_blocks: int, block_size: int,
+                          dtype: torch.dtype | None = None) -> None:
+        """Allocate the paged cache: each global layer a pool of `global_blocks` blocks, each chunked layer one of
+        `chunked_blocks` (serving/engine/kv_cache.py decides both and hands the blocks out)."""
         w = self.embed_tokens.weight
         for layer in self.layers:
-            layer.self_attn.allocate_cache(num_slots, max_len, dtype or w.dtype, w.device)
+            n = chunked_blocks if layer.self_attn.use_rope else global_blocks
+            layer.self_attn.allocate_cache(n, block_size, dtype or w.dtype, w.device)
 
     def step_tables(self, positions_T: torch.Tensor) -> StepTables:
         freqs_TF = positions_T[:, None].float() * self.inv_freq[None, :]

@@ -176,31 +176,32 @@ def has_vision_weights(path: str | Path) -> bool:
 
 
 def load_vision_tower(path: str | Path, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu") -> VisionTower:
-    """`vision_model.*` and `multi_modal_projector.*` from a checkpoint folder (safetensors only)."""
-    from safetensors import safe_open
-
+                      device: str | torch.device = "cpu", reader=None) -> VisionTower:
+    """`vision_model.*` and `multi_modal_projector.*` (safetensors only), read through the engine's weight reader
+    (serving/loader.py `open_reader`: a folder, or s3:// byte ranges) or, by default, from the folder `path`,
+    which holds config.json."""
     from llama4.checkpoint import CheckpointError, CheckpointReader
 
     path = Path(path)
     cfg = VisionConfig.from_dict(json.loads((path / "config.json").read_text()))
-    reader = CheckpointReader(path)  # refuses pickled checkpoints with the reason
+    own = reader is None
+    reader = reader or CheckpointReader(path)  # refuses pickled checkpoints with the reason
     with torch.device("meta"):
         tower = VisionTower(cfg)
     tower = tower.to(dtype).to_empty(device=device)
-    handles: dict[str, object] = {}
-    with torch.no_grad():
-        for name, param in tower.named_parameters():
-            fname = reader.weight_map.get(name)
-            if fname is None:
-                raise CheckpointError(f"tensor {name!r} is missing from {path}; this checkpoint has no vision tower "
-                                      "(a text-only Llama 4 checkpoint cannot take images)")
-            if fname not in handles:
-                handles[fname] = safe_open(str(path / fname), framework="pt")
-            tensor = handles[fname].get_tensor(name)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
-                                      f"{tuple(param.shape)}; config and weights disagree")
-            param.copy_(tensor)
+    try:
+        with torch.no_grad():
+            for name, param in tower.named_parameters():
+                if name not in reader.weight_map:
+                    raise CheckpointError(f"tensor {name!r} is missing from {reader.path}; this checkpoint has no "
+                                          "vision tower (a text-only Llama 4 checkpoint cannot take images)")
+                tensor = reader.get_raw(name)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies "
+                                          f"{tuple(param.shape)}; config and weights disagree")
+                param.copy_(tensor)
+    finally:
+        if own:
+            reader.close()
     tower.vision_model.rot_PF = rope_2d(cfg).to(device)
     return tower.eval().requires_grad_(False)

@@ -50,3 +50,31 @@ def make_adapter(base_path, out, seed: int = 0, **overrides):
                 p.mul_(20.0)
     model.save_pretrained(out)
     return model.eval()
+
+
+class SlotTables:
+    """Drive `serving.model.Transformer` directly, without the engine's block manager: each sequence ("slot")
+    owns a fixed run of KV-cache blocks, as a static slot cache would (`shuffle` scatters them, as a busy pool
+    hands blocks out). Allocates the model's cache."""
+
+    def __init__(self, model, num_slots: int, max_len: int, block_size: int = 16, shuffle: bool = False):
+        import torch
+
+        self.model, self.bs, self.chunk = model, block_size, model.cfg.attention_chunk_size
+        self.g = -(-max_len // block_size)
+        self.c = -(-min(self.chunk, max_len) // block_size)
+        model.allocate_kv_cache(num_slots * self.g, num_slots * self.c, block_size)
+        order = torch.randperm if shuffle else (lambda n, generator=None: torch.arange(n))
+        gen = torch.Generator().manual_seed(0)
+        self.global_ids = order(num_slots * self.g, generator=gen).tolist()
+        self.chunked_ids = order(num_slots * self.c, generator=gen).tolist()
+
+    def span(self, slot: int, ids: list[int], start: int, need_logits: bool = True) -> tuple:
+        return (ids, start, need_logits, self.global_ids[slot * self.g:(slot + 1) * self.g],
+                start // self.chunk * self.chunk, self.chunked_ids[slot * self.c:(slot + 1) * self.c])
+
+    def batch(self, spans: list[tuple[int, list[int], int, bool]], device: str = "cpu"):
+        """A `Batch` of (slot, token_ids, start_pos, need_logits) pieces."""
+        from serving.model import Batch
+
+        return Batch.build([self.span(*s) for s in spans], device, self.chunk, self.bs)

@@ -8,13 +8,13 @@ model sharded over Ray workers.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from llama4.config import TextConfig
-from serving.engine.kv_cache import KVCachePlan, SlotTable, plan_kv_cache
+from serving.engine.kv_cache import KVCachePlan, plan_kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +27,24 @@ class SeqChunk:
     token_ids: list[int]  # a prefill piece (never crossing an attention-chunk boundary) or one decode token
     start_pos: int  # absolute position of token_ids[0]
     need_logits: bool  # True when the last token's logits are needed (decode, or the last prefill piece)
+    # The KV-cache blocks it reads and writes (serving/engine/kv_cache.py): on which node, the global layers'
+    # table, and the chunked layers' table with the position its first block starts at.
+    node: int = 0
+    global_blocks: list[int] = field(default_factory=list)
+    chunk_start: int = 0
+    chunked_blocks: list[int] = field(default_factory=list)
     mm_embeds: tuple[list[int], torch.Tensor] | None = None  # image rows: (offsets in token_ids, [R, D] embeddings)
 
 
 class Executor(Protocol):
-    max_num_seqs: int  # KV slots
+    kv_plan: KVCachePlan  # each node's block pools (the engine's KVCacheManager hands their blocks out)
+    num_nodes: int  # nodes with a cache of their own (1 in one process)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """float32 logits [number of chunks with need_logits, V], in chunk order."""
 
-    def free(self, seq_id: int) -> None:
-        """Release the sequence's cache slot."""
-
     def routed_token_counts(self) -> torch.Tensor:
         """int64 [num_moe_layers, num_experts], cumulative."""
-
-    def kv_cache_usage(self) -> float:
-        """Fraction of KV slots held, 0..1."""
 
     def rebuild(self) -> None:
         """After a `WorkerDiedError`: replace what died and forget every sequence (the engine re-admits them)."""
@@ -52,7 +53,9 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Runs the model in this process: one static KV cache, one slot per live sequence."""
+    """Runs the model in this process on one device, over its paged KV cache (blocks chosen by the engine)."""
+
+    num_nodes = 1
 
     def __init__(self, model, plan: KVCachePlan):
         from serving.model import Transformer
@@ -60,12 +63,10 @@ class LocalExecutor:
         assert isinstance(model, Transformer)
         self.model = model
         self.cfg: TextConfig = model.cfg
-        self.plan = plan
-        self.max_num_seqs = plan.num_slots
+        self.kv_plan = plan
         self.max_model_len = plan.max_model_len
         self.device = model.embed_tokens.weight.device
-        self.slots = SlotTable(plan.num_slots)
-        model.allocate_kv_cache(plan.num_slots, plan.max_model_len)
+        model.allocate_kv_cache(plan.global_blocks, plan.chunked_blocks, plan.block_size)
         log.info(plan.describe())
 
     @classmethod
@@ -75,7 +76,8 @@ class LocalExecutor:
 
         m, c = config.model, config.cache
         plan = plan_kv_cache(m.text, c.max_model_len, resolve_dtype(m.dtype), config.scheduler.max_num_seqs,
-                             c.kv_cache_memory_bytes)
+                             c.kv_cache_memory_bytes, block_size=c.block_size,
+                             mean_sequence_tokens=c.mean_sequence_tokens)
         reader = open_reader(m.weights_source, lora_adapter=m.lora_adapter)
         try:
             model = load_shard(m.text, reader, dtype=m.dtype, device=m.device)
@@ -92,16 +94,13 @@ class LocalExecutor:
             if end > self.max_model_len:
                 raise ValueError(f"sequence {c.seq_id} reaches position {end}, beyond max_model_len "
                                  f"({self.max_model_len})")
-            spans.append((self.slots.slot_for(c.seq_id), c.token_ids, c.start_pos, c.need_logits))
-        batch = Batch.build(spans, self.device, self.cfg.attention_chunk_size)
+            spans.append((c.token_ids, c.start_pos, c.need_logits, c.global_blocks, c.chunk_start, c.chunked_blocks))
+        batch = Batch.build(spans, self.device, self.cfg.attention_chunk_size, self.kv_plan.block_size)
         if any(c.mm_embeds is not None for c in chunks):
             from serving.engine.multimodal import attach_image_embeds
 
             attach_image_embeds(batch, chunks)
         return self.model(batch)
-
-    def free(self, seq_id: int) -> None:
-        self.slots.free(seq_id)
 
     def routed_token_counts(self) -> torch.Tensor:
         moes = self.model.moe_layers()
@@ -109,12 +108,8 @@ class LocalExecutor:
             return torch.zeros(0, self.cfg.num_local_experts, dtype=torch.long)
         return torch.stack([m.routed_token_counts for m in moes]).cpu()
 
-    def kv_cache_usage(self) -> float:
-        return self.slots.usage()
-
     def rebuild(self) -> None:
-        """Nothing can die in-process; forget every sequence so the engine can start afresh."""
-        self.slots.reset()
+        """Nothing can die in-process; the engine forgets its sequences and their blocks."""
 
     def shutdown(self) -> None:
-        self.slots.reset()
+        pass

@@ -31,20 +31,26 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     """Continuous-batching engine over one executor (in-process, or expert-parallel over Ray workers)."""
 
-    def __init__(self, executor, tokenizer, config: TextConfig, *, max_model_len: int,
-                 max_num_batched_tokens: int = 2048, eos_token_ids: Sequence[int] = ()):
+    def __init__(self, executor, tokenizer, config: TextConfig, *, max_model_len: int, max_num_seqs: int = 32,
+                 max_num_batched_tokens: int = 2048, eos_token_ids: Sequence[int] = (),
+                 enable_prefix_caching: bool = True, model_config=None):
+        from serving.engine.kv_cache import KVCacheManager
+
         self.executor = executor
         self.tokenizer = tokenizer
         self.config = config
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids or config.eos_token_ids)
-        self.scheduler = Scheduler(executor.max_num_seqs, max_num_batched_tokens, config.attention_chunk_size)
-        self.image_support = _image_support(executor, tokenizer)  # None: text-only checkpoint
+        # One block manager per node: the executor's workers hold the blocks, the engine decides who uses them.
+        self.kv = KVCacheManager(executor.kv_plan, executor.num_nodes, enable_prefix_caching)
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, config.attention_chunk_size, self.kv)
+        self.image_support = _image_support(executor, tokenizer, model_config)  # None: text-only checkpoint
         self._requests: dict[str, Request] = {}
         self._pending: list[Request] = []  # finished outside a step (abort): reported by the next step
         self._seq_ids = itertools.count()
         self._gen_ids = itertools.count()
         self.prompt_tokens_total = 0
+        self.prompt_tokens_computed = 0  # prompt tokens the model ran (a prefix-cache hit skips the rest)
         self.generation_tokens_total = 0
         self.engine_config = None  # the serving.config.EngineConfig it was built from, if any
 
@@ -73,8 +79,10 @@ class LLMEngine:
         m = config.model
         tokenizer = AutoTokenizer.from_pretrained(str(m.path))
         engine = cls(executor, tokenizer, m.text, max_model_len=config.cache.max_model_len,
+                     max_num_seqs=config.scheduler.max_num_seqs,
                      max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-                     eos_token_ids=generation_eos_ids(m.path, m.text))
+                     eos_token_ids=generation_eos_ids(m.path, m.text),
+                     enable_prefix_caching=config.cache.enable_prefix_caching, model_config=m)
         engine.engine_config = config
         return engine
 
@@ -91,8 +99,12 @@ class LLMEngine:
         return chat_prompt(self, messages)
 
     def make_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                     arrival_time: float | None = None) -> Request:
-        """Tokenize and validate a request without touching engine state (safe from another thread)."""
+                     arrival_time: float | None = None, cache_salt: str | None = None) -> Request:
+        """Tokenize and validate a request without touching engine state (safe from another thread).
+
+        cache_salt: mixed into the request's prefix-cache keys (vLLM's field), so only requests with the same salt
+        share cached blocks: a shared prefix cache is a timing side channel between tenants.
+        """
         params = params or SamplingParams()
         images = None
         if isinstance(prompt, dict):  # vLLM-style {"prompt" | "prompt_token_ids", "multi_modal_data": {"image"}}
@@ -111,6 +123,10 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; shorten the "
                              "prompt (it and at least one generated token must fit)")
+        why = self.kv.never_fits(len(ids) + 1)
+        if why:
+            raise ValueError(f"prompt has {len(ids)} tokens: {why}; shorten the prompt or give the engine a larger "
+                             "kv_cache_memory_bytes")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         # A CPU generator on purpose: the sampler draws seeded rows on it, so a seed means the same on every device.
@@ -123,7 +139,8 @@ class LLMEngine:
                        RequestMetrics(arrival_time or time.time()),
                        IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), gen,
                        logprobs=[] if params.logprobs is not None else None, grammar=grammar,
-                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None, images=images)
+                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None, images=images,
+                       cache_key=_cache_key(cache_salt, images))
 
     @property
     def grammars(self):
@@ -135,8 +152,10 @@ class LLMEngine:
         return self._grammars
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict | Request,
-                    params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
-        req = prompt if isinstance(prompt, Request) else self.make_request(request_id, prompt, params, arrival_time)
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    cache_salt: str | None = None) -> None:
+        req = prompt if isinstance(prompt, Request) else self.make_request(request_id, prompt, params, arrival_time,
+                                                                           cache_salt)
         if req.request_id in self._requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self._requests[req.request_id] = req
@@ -186,7 +205,10 @@ class LLMEngine:
             return changed + self._fail_step(pieces, exc)
         done = [p for p in pieces if p.chunk.need_logits]
         for p in pieces:
+            self.prompt_tokens_computed += max(0, min(p.chunk.start_pos + len(p.chunk.token_ids),
+                                                      len(p.request.prompt_token_ids)) - p.chunk.start_pos)
             p.request.num_computed += len(p.chunk.token_ids)
+            self.kv.computed(p.request.seq_id, p.request.token_ids, p.request.num_computed)
         if not done:
             return changed
         reqs = [p.request for p in done]
@@ -208,6 +230,8 @@ class LLMEngine:
         """
         if req.prompt_logprobs is None or req.num_computed >= len(req.token_ids):
             return False
+        if len(req.prompt_logprobs) != req.num_computed:  # already scored before a preemption: recomputing
+            return req.num_computed < len(req.prompt_token_ids)
         token = req.token_ids[req.num_computed]
         req.prompt_logprobs.append({t: Logprob(lp, rank, self.tokenizer.decode([t]))
                                     for t, lp, rank in top_logprobs(logits_V, token, req.params.prompt_logprobs)})
@@ -276,6 +300,9 @@ class LLMEngine:
             req.error = f"model worker failed: {exc}"
             self._finish(req, "error")
         self.executor.rebuild()
+        self.kv.reset()  # the new workers' caches are empty: nothing cached survives
+        for req in self.scheduler.waiting:  # preempted ones had computed tokens in the old caches
+            req.num_computed = 0
         return failed
 
     def _append_token(self, req: Request, token: int, logits_V: torch.Tensor) -> None:
@@ -322,8 +349,7 @@ class LLMEngine:
         req.status = RequestStatus.FINISHED
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.metrics.finished_time = time.time()
-        self.scheduler.remove(req)
-        self.executor.free(req.seq_id)
+        self.scheduler.remove(req)  # and its KV-cache blocks
         self._requests.pop(req.request_id, None)
 
     # ---- outputs ---------------------------------------------------------------------------------
@@ -375,9 +401,39 @@ class LLMEngine:
                     final[req.request_id] = self._output(req)
         return [final[rid] for rid in ids]
 
+    def last_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """float32 [len(prompts), V]: the next-token logits after each prompt, computed in full (no prefix hit) on
+        blocks of their own, outside the scheduler (tools and checks: selfcheck, tests). Call between steps."""
+        from serving.engine.executor import SeqChunk
+
+        C, ids = self.config.attention_chunk_size, [next(self._seq_ids) for _ in prompts]
+        try:
+            for seq, p in zip(ids, prompts):
+                if self.kv.admit(seq, p, use_prefix=False) is None or not self.kv.grow(seq, len(p)):
+                    raise RuntimeError("the KV cache has no room for these prompts now; call when it is idle")
+            out = [None] * len(prompts)
+            for start in range(0, max(map(len, prompts)), C):  # one piece per attention chunk, as the scheduler
+                live = [i for i, p in enumerate(prompts) if start < len(p)]
+                chunks = []
+                for i in live:
+                    node, g, cs, c = self.kv.tables(ids[i])
+                    piece = prompts[i][start:start + C]
+                    chunks.append(SeqChunk(ids[i], piece, start, True, node, g, start // C * C, c))
+                logits = self.executor.execute(chunks)
+                for row, i in enumerate(live):
+                    out[i] = logits[row]
+            return torch.stack(out).float().cpu()
+        finally:
+            for seq in ids:
+                self.kv.free(seq)
+
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.executor.kv_cache_usage(),
-                           self.prompt_tokens_total, self.generation_tokens_total)
+        kv = self.kv
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage(),
+                           self.prompt_tokens_total, self.generation_tokens_total,
+                           num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=kv.prefix_queries,
+                           prefix_cache_hits=kv.prefix_hits, kv_blocks_in_use=kv.blocks_in_use(),
+                           prompt_tokens_computed=self.prompt_tokens_computed)
 
     def routed_token_counts(self) -> torch.Tensor:
         """int64 [num_moe_layers, num_experts]: tokens each expert has received since start."""
@@ -387,13 +443,44 @@ class LLMEngine:
         self.executor.shutdown()
 
 
-def _image_support(executor, tokenizer):
-    """The image path for a checkpoint with a vision tower, on the text model's device and dtype (else None)."""
+def _cache_key(cache_salt: str | None, images) -> bytes:
+    """What a request's prefix-cache keys mix in besides its tokens: its salt and its images' content hashes (the
+    same <|patch|> tokens stand for different pictures)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if cache_salt:
+        h.update(b"salt:" + cache_salt.encode())
+    for img in images or ():
+        h.update(b"image:" + str(getattr(img, "content_hash", id(img))).encode())
+    return h.digest() if cache_salt or images else b""
+
+
+def _image_support(executor, tokenizer, model_config=None):
+    """The image path for a checkpoint with a vision tower, on the text model's device and dtype (else None).
+    With an engine config its weights come through the engine's loader, from where the config says they are."""
     from serving.engine.multimodal import ImageSupport
+    from serving.loader import resolve_dtype
 
     weight = getattr(getattr(executor, "model", None), "embed_tokens", None)
     dtype, device = (weight.weight.dtype, weight.weight.device) if weight is not None else (torch.float32, "cpu")
-    return ImageSupport.from_pretrained(getattr(tokenizer, "name_or_path", ""), tokenizer, dtype, device)
+    if model_config is None:
+        return ImageSupport.from_pretrained(getattr(tokenizer, "name_or_path", ""), tokenizer, dtype, device)
+    from serving.vision import has_vision_weights
+
+    m = model_config
+    if not has_vision_weights(m.path):
+        return None
+    if weight is None:  # the text model runs on workers: the tower runs here, in the engine's process
+        dtype, device = resolve_dtype(m.dtype), "cpu" if m.device == "cpu" else "cuda"
+    from serving.loader import open_reader
+
+    cache = m.cache_dir or str(Path(__import__("tempfile").gettempdir()) / "herd-s3")
+    reader = open_reader(m.weights_source, s3_endpoint_url=m.s3_endpoint_url, cache_dir=cache)
+    try:
+        return ImageSupport.from_pretrained(m.path, tokenizer, dtype, device, reader)
+    finally:
+        reader.close()
 
 
 def generation_eos_ids(path: Path, cfg: TextConfig) -> tuple[int, ...]:

@@ -59,13 +59,14 @@ class ImageSupport:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "ImageSupport | None":
-        """For a checkpoint with a vision tower; None for a text-only one."""
+                        device: str | torch.device = "cpu", reader=None) -> "ImageSupport | None":
+        """For a checkpoint with a vision tower; None for a text-only one. `reader` (serving.loader.open_reader)
+        reads the weights where the engine's config says they are; `path` holds config and processor files."""
         from serving.vision import has_vision_weights, load_vision_tower
 
         if not has_vision_weights(path):
             return None
-        return cls(tokenizer, ImageConfig.from_pretrained(path), load_vision_tower(path, dtype, device))
+        return cls(tokenizer, ImageConfig.from_pretrained(path), load_vision_tower(path, dtype, device, reader))
 
     # ---- requests ----------------------------------------------------------------------------------
     def expand(self, ids: list[int], images: list, max_images: int | None = None

@@ -86,7 +86,11 @@ class RequestDelta:
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv_cache_usage: float  # fraction of KV slots held
+    kv_cache_usage: float  # fraction of KV-cache blocks held (the fuller of the two layer types' pools)
     prompt_tokens_total: int
     generation_tokens_total: int
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # running sequences whose blocks were freed for others, recomputed later
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens served from cached blocks
+    kv_blocks_in_use: dict = None  # {"global": n, "chunked": m}
+    prompt_tokens_computed: int = 0  # prompt tokens the model ran (prompt_tokens_total less prefix hits)

@@ -3,11 +3,14 @@
 Every request is a list of token ids (prompt, then generated tokens) and a count of how many of them are already
 in the KV cache; a step runs, for each scheduled request, the next piece of its uncomputed tokens. A decode is the
 one-token case, prefill the long one, so both mix freely in one step (vLLM v1's formulation). Limits:
-- at most `max_num_seqs` requests hold a KV slot (running); the rest wait in arrival order;
+- at most `max_num_seqs` requests run at once, and only as many as the KV cache's free blocks hold
+  (serving/engine/kv_cache.py): a waiting request is admitted when its first piece's blocks are free (its cached
+  prefix is shared, not recomputed); when running requests need more blocks than are free, the newest is
+  preempted (its blocks freed, its tokens recomputed later: vLLM's recompute policy) instead of failing;
 - at most `max_num_batched_tokens` tokens per step; running requests go first, so decodes are never starved by
   a long prompt, which is prefilled over several steps;
 - a piece never crosses a multiple of `attention_chunk_size` (the model's chunked-attention ring needs it).
-Requests join between steps and leave the moment they finish or are aborted (their slot is freed at once).
+Requests join between steps and leave the moment they finish or are aborted (their blocks are freed at once).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ class Request:
     """One request's whole state inside the engine."""
 
     request_id: str
-    seq_id: int  # the executor's key for the KV slot
+    seq_id: int  # the KV-cache manager's key for its blocks
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -51,6 +54,7 @@ class Request:
     grammar: Any = None  # structured.GrammarState when the output is constrained
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # scored prompt tokens (echo requests)
     images: list | None = None  # multimodal.RequestImage per image: tiles, patch positions, embeddings once made
+    cache_key: bytes = b""  # mixed into its prefix-cache keys: cache_salt, tenant, image hashes
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
@@ -82,51 +86,92 @@ class ScheduledPiece:
 
 
 class Scheduler:
-    """Waiting queue + running set, and the per-step choice of pieces."""
+    """Waiting queue + running set, and the per-step choice of pieces and of the KV-cache blocks they use."""
 
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, chunk_size: int):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, chunk_size: int, kv):
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk_size = chunk_size
+        self.kv = kv  # serving.engine.kv_cache.KVCacheManager
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order: the last one is preempted first
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def remove(self, request: Request) -> None:
-        """Take a request out of whichever queue holds it (finish or abort)."""
+        """Take a request out of whichever queue holds it (finish or abort) and free its blocks."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.kv.free(request.seq_id)
 
     def _piece(self, req: Request, budget: int) -> SeqChunk:
         start = req.num_computed
         to_boundary = self.chunk_size - start % self.chunk_size
         n = min(len(req.token_ids) - start, budget, to_boundary)
-        if req.prompt_logprobs is not None and start < len(req.prompt_token_ids):
+        if req.prompt_logprobs is not None and start < len(req.prompt_token_ids) \
+                and len(req.prompt_logprobs) < len(req.prompt_token_ids):
             # Every prompt position's logits are wanted and the executor returns a piece's last one: 1-token pieces.
             return SeqChunk(req.seq_id, req.token_ids[start:start + 1], start, need_logits=True)
         end = start + n
         return SeqChunk(req.seq_id, req.token_ids[start:end], start, need_logits=end == len(req.token_ids))
 
+    def _with_blocks(self, chunk: SeqChunk) -> SeqChunk:
+        chunk.node, chunk.global_blocks, chunk.chunk_start, chunk.chunked_blocks = self.kv.tables(chunk.seq_id)
+        return chunk
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's blocks; it waits at the front and recomputes its tokens (prompt and
+        generated) when readmitted, most of them from the prefix cache if its blocks are still there."""
+        self.running.remove(req)
+        self.kv.free(req.seq_id)
+        req.num_computed = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
     def schedule(self) -> list[ScheduledPiece]:
         budget = self.max_num_batched_tokens
         out: list[ScheduledPiece] = []
-        for req in self.running:
+        preempted = False
+        for req in list(self.running):
             if budget == 0:
                 break
+            if req not in self.running:  # preempted below for an older request
+                continue
             piece = self._piece(req, budget)
+            while not self.kv.grow(req.seq_id, piece.start_pos + len(piece.token_ids)):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    piece = None
+                    break
+            if piece is None:
+                continue
             budget -= len(piece.token_ids)
-            out.append(ScheduledPiece(req, piece))
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting.popleft()
+            out.append(ScheduledPiece(req, self._with_blocks(piece)))
+        # No admission in a step that had to preempt: memory is short, the running ones go first.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            hit = self.kv.admit(req.seq_id, req.token_ids, req.cache_key,
+                                use_prefix=req.prompt_logprobs is None)  # scored prompts are computed in full
+            if hit is None:
+                break
+            req.num_computed = hit
+            piece = self._piece(req, budget)
+            if not self.kv.grow(req.seq_id, piece.start_pos + len(piece.token_ids)):
+                self.kv.free(req.seq_id)
+                req.num_computed = 0
+                break
+            self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            piece = self._piece(req, budget)
             budget -= len(piece.token_ids)
-            out.append(ScheduledPiece(req, piece))
+            out.append(ScheduledPiece(req, self._with_blocks(piece)))
         return out

@@ -24,23 +24,21 @@ from serving.expert_parallel.worker import EPWorker
 class EPExecutor:
     """Executor (serving.engine.executor) whose model runs on the workers of an ExpertParallelGroup."""
 
-    def __init__(self, group: ExpertParallelGroup, shard_spec: ShardSpec, max_num_seqs: int, max_model_len: int,
+    def __init__(self, group: ExpertParallelGroup, shard_spec: ShardSpec, max_model_len: int,
                  step_timeout_s: float = 60.0, load_timeout_s: float = 300.0, counts_sync_interval_s: float = 1.0):
         from cluster.placement import PlacementMap
 
         self.group = group
         self.shard_spec = shard_spec
         self.expert_placement = PlacementMap.from_json(shard_spec.placement_json)  # which worker holds which expert
-        self.max_num_seqs = max_num_seqs
+        self.kv_plan = shard_spec.kv_plan  # each node's pools (its workers hold 1/tp of every block)
         self.max_model_len = max_model_len
-        self.nodes = group.spec.num_nodes
+        self.nodes = self.num_nodes = group.spec.num_nodes
         self.vocab_size = int((shard_spec.config.get("text_config") or shard_spec.config)["vocab_size"])
         self.tp = group.spec.tensor_parallel_size
         self.step_timeout_s, self.load_timeout_s = step_timeout_s, load_timeout_s
         self.worker_bytes: list[dict] = []  # per rank, from the latest load
         self.load_history: list[list[dict]] = []  # every load's worker_bytes (first load, then each rebuild)
-        self._node_of: dict[int, int] = {}  # seq_id -> node whose cache holds it
-        self._to_free: list[list[int]] = [[] for _ in range(self.nodes)]
         # Routing counts outlive rebuilds: the node leaders send theirs with a step at most every
         # `counts_sync_interval_s`; a rebuild adds the last copies to the counts carried over from earlier loads.
         self.counts_sync_interval_s = counts_sync_interval_s
@@ -52,8 +50,6 @@ class EPExecutor:
     def _load(self) -> None:
         self.worker_bytes = self.group.call("load", self.shard_spec, timeout=self.load_timeout_s)
         self.load_history.append(self.worker_bytes)
-        self._node_of.clear()
-        self._to_free = [[] for _ in range(self.nodes)]
         self._counts_seen = [None] * self.nodes
 
     # ---- Executor interface ------------------------------------------------------------------------------
@@ -66,15 +62,14 @@ class EPExecutor:
             if end > self.max_model_len:
                 raise ValueError(f"sequence {c.seq_id} reaches position {end}, beyond max_model_len "
                                  f"({self.max_model_len})")
-            node = self._node_for(c.seq_id)
+            node = c.node  # the engine's block manager placed the sequence (its blocks live on that node)
             per_node[node].append(c)
             if c.need_logits:
                 order.append((node, counts[node]))
                 counts[node] += 1
-        frees, self._to_free = self._to_free, [[] for _ in range(self.nodes)]
         sync = time.monotonic() - self._counts_synced_at >= self.counts_sync_interval_s
         try:
-            refs = [w.execute.remote(per_node[rank // self.tp], bool(per_node[rank // self.tp]), frees[rank // self.tp],
+            refs = [w.execute.remote(per_node[rank // self.tp], bool(per_node[rank // self.tp]),
                                      sync and rank % self.tp == 0)
                     for rank, w in enumerate(self.group.workers)]
             out = self.group.gather(refs, list(range(len(refs))), timeout=self.step_timeout_s)
@@ -90,24 +85,6 @@ class EPExecutor:
             return torch.empty(0, self.vocab_size, dtype=torch.float32)
         return torch.cat([node_logits[n][i:i + 1] for n, i in order])
 
-    def _node_for(self, seq_id: int) -> int:
-        node = self._node_of.get(seq_id)
-        if node is None:  # a new sequence goes to the node holding the fewest
-            load = [0] * self.nodes
-            for n in self._node_of.values():
-                load[n] += 1
-            node = min(range(self.nodes), key=lambda n: load[n])
-            if load[node] >= self.shard_spec.slots_per_node:
-                raise RuntimeError(f"no free KV-cache slot for sequence {seq_id}: all nodes are full "
-                                   f"({self.shard_spec.slots_per_node} slots each)")
-            self._node_of[seq_id] = node
-        return node
-
-    def free(self, seq_id: int) -> None:
-        node = self._node_of.pop(seq_id, None)
-        if node is not None:
-            self._to_free[node].append(seq_id)  # sent with the next step, saving a Ray call per sequence
-
     def routed_token_counts(self) -> torch.Tensor:
         """Tokens routed per (MoE layer, expert), summed over nodes (each node's first worker counts them) and
         over earlier loads: a rebuild keeps what the replaced workers had reported (all but at most the last
@@ -121,11 +98,9 @@ class EPExecutor:
         """Seconds each worker spent in dispatch / compute / combine, cumulative."""
         return self.group.call("exchange_times", timeout=self.step_timeout_s)
 
-    def kv_cache_usage(self) -> float:
-        return len(self._node_of) / self.max_num_seqs
-
     def rebuild(self) -> None:
-        """Replace every worker (same bundles, fresh process groups) and reload; all sequences are forgotten."""
+        """Replace every worker (same bundles, fresh process groups) and reload; their caches start empty (the
+        engine resets its block manager)."""
         seen = [c for c in self._counts_seen if c is not None]
         if seen:
             last = torch.stack(seen).sum(0)
@@ -149,8 +124,7 @@ def build_ep_executor(config) -> EPExecutor:
 
     Weights: `model.weights` (default: the checkpoint folder) is where workers read tensors: a folder every node
     can see, or `s3://bucket/prefix` (byte ranges, node-local cache under `model.cache_dir`). The KV budget
-    (`cache.kv_cache_memory_bytes`) is EACH worker's, as the cluster planner sizes it per GPU; the slots it holds
-    cap max_num_seqs. A LoRA adapter must be on a path every node can read; each worker merges its share.
+    (`cache.kv_cache_memory_bytes`) is EACH worker's, as the cluster planner sizes it per GPU. A LoRA adapter must be on a path every node can read; each worker merges its share.
     `parallel.worker_env` sets the workers' environment (e.g. S3 credentials where nodes have no instance role;
     nothing is copied from the driver's environment implicitly).
     """
@@ -178,30 +152,29 @@ def build_ep_executor(config) -> EPExecutor:
                                       par.tensor_parallel_size, par.num_nodes)
     except PlacementError as e:
         raise PlacementError(f"placement {e}") from None
-    slots_per_node = node_slots(config)
-    max_num_seqs = min(config.scheduler.max_num_seqs, slots_per_node * spec.num_nodes)
-    shard_spec = ShardSpec(m.weights_source, m.raw, m.dtype, placement.to_json(), slots_per_node,
+    shard_spec = ShardSpec(m.weights_source, m.raw, m.dtype, placement.to_json(), node_kv_plan(config),
                            config.cache.max_model_len, m.s3_endpoint_url,
                            m.cache_dir or str(Path(tempfile.gettempdir()) / "herd-s3"), lora_adapter)
     group = ExpertParallelGroup(spec, EPWorker, {"num_threads": par.num_threads_per_worker, "device": m.device}).start()
     try:
-        return EPExecutor(group, shard_spec, max_num_seqs, config.cache.max_model_len,
+        return EPExecutor(group, shard_spec, config.cache.max_model_len,
                           step_timeout_s=par.step_timeout_s, counts_sync_interval_s=par.counts_sync_interval_s)
     except BaseException:
         group.shutdown()
         raise
 
 
-def node_slots(config) -> int:
-    """KV-cache slots per node: max_num_seqs spread over the nodes, capped by what a worker's budget holds (a
-    node's sequences live in its own cache, each of its workers holding 1/tp of the KV heads)."""
+def node_kv_plan(config):
+    """One node's KV-cache pools: its share of max_num_seqs, or what each worker's budget holds (a worker keeps
+    1/tp of the KV heads of every block, so the same budget holds tp times the blocks)."""
     from serving.engine.kv_cache import plan_kv_cache
     from serving.loader import resolve_dtype
 
-    par = config.parallel
-    return plan_kv_cache(config.model.text, config.cache.max_model_len, resolve_dtype(config.model.dtype),
-                         -(-config.scheduler.max_num_seqs // par.num_nodes), config.cache.kv_cache_memory_bytes,
-                         tensor_parallel_size=par.tensor_parallel_size).num_slots
+    par, c = config.parallel, config.cache
+    return plan_kv_cache(config.model.text, c.max_model_len, resolve_dtype(config.model.dtype),
+                         -(-config.scheduler.max_num_seqs // par.num_nodes), c.kv_cache_memory_bytes,
+                         tensor_parallel_size=par.tensor_parallel_size, block_size=c.block_size,
+                         mean_sequence_tokens=c.mean_sequence_tokens)
 
 
 def _check_gpus(spec: GroupSpec) -> None:

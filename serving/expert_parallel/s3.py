@@ -152,6 +152,13 @@ class S3Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entry(name).shape)
 
+    def get_raw(self, full_name: str) -> torch.Tensor:
+        """A tensor by its name in the files (e.g. `vision_model.*`, which has no text-model name)."""
+        if full_name not in self.weight_map:
+            raise CheckpointError(f"tensor {full_name!r} is missing from {self.url}")
+        e = self._header(self.weight_map[full_name])[full_name]
+        return _to_tensor(self._range(e.file, e.start, e.end), e.dtype, e.shape)
+
     def get(self, name: str) -> torch.Tensor:
         """A whole tensor, fetching only its bytes."""
         e = self.entry(name)

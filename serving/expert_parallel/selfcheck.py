@@ -38,13 +38,9 @@ def _reference(path: str, device: str, dtype: str, max_tokens: int) -> dict:
 
 def _run(engine, max_tokens: int) -> dict:
     from serving.engine import SamplingParams
-    from serving.engine.executor import SeqChunk
 
     outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-    chunks = [SeqChunk(10_000 + i, engine.tokenizer.encode(p), 0, True) for i, p in enumerate(PROMPTS)]
-    logits = engine.executor.execute(chunks).cpu()
-    for c in chunks:
-        engine.executor.free(c.seq_id)
+    logits = engine.last_token_logits([engine.tokenizer.encode(p) for p in PROMPTS])
     return {"tokens": [o.outputs[0].token_ids for o in outs], "logits": logits}
 
 
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  rank {held['rank']}: node {held['node']} ({where['ip']}, ray node {where['node_id'][:8]}), "
                       f"{held['device']}{' gpu ' + ','.join(where['gpu_ids']) if where['gpu_ids'] else ''}: "
                       f"{held['routed_expert_bytes'] / 2**20:.1f} MiB experts, {held['other_bytes'] / 2**20:.1f} MiB "
-                      f"rest, {held['kv_slots']} KV slots", flush=True)
+                      f"rest, KV blocks {held['kv_blocks'][0]} global / {held['kv_blocks'][1]} chunked", flush=True)
             routed = int(engine.routed_token_counts().sum())
         finally:
             engine.shutdown()

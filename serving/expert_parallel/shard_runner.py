@@ -30,7 +30,7 @@ class ShardSpec:
     config: dict  # TextConfig fields as config.json has them (workers need no local copy)
     dtype: str
     placement_json: str
-    slots_per_node: int
+    kv_plan: object  # serving.engine.kv_cache.KVCachePlan: this node's block pools (the engine hands blocks out)
     max_model_len: int
     s3_endpoint_url: str | None = None
     cache_dir: str | None = None  # node-local cache for s3:// checkpoints (a per-node subfolder is used)
@@ -75,13 +75,12 @@ def open_shard_reader(spec: ShardSpec):
 
 
 class ShardRunner:
-    """This worker's model shard plus its node's KV-cache slots (one LocalExecutor per worker)."""
+    """This worker's model shard plus its share of its node's KV-cache blocks (one LocalExecutor per worker)."""
 
     def __init__(self, worker, spec: ShardSpec):
         from cluster.placement import PlacementMap
         from llama4.config import TextConfig
         from serving.engine.executor import LocalExecutor
-        from serving.engine.kv_cache import plan_kv_cache
         from serving.expert_parallel.tensor_parallel import apply_tensor_parallel
         from serving.loader import load_shard, resolve_dtype
 
@@ -111,9 +110,7 @@ class ShardRunner:
                 self.exchanges.append(ex)
         self.model = model
         self.dtype = resolve_dtype(spec.dtype)
-        plan = plan_kv_cache(cfg, spec.max_model_len, self.dtype, spec.slots_per_node,
-                             tensor_parallel_size=worker.tp_size)
-        self.local = LocalExecutor(model, plan)
+        self.local = LocalExecutor(model, spec.kv_plan)
         self.kv_bytes = sum(t.numel() * t.element_size() for layer in model.layers
                             for t in (layer.self_attn.cache_k, layer.self_attn.cache_v))  # this worker's heads only
         self.k = cfg.num_experts_per_tok
@@ -121,7 +118,8 @@ class ShardRunner:
     def held_bytes(self) -> dict:
         return {"rank": self.worker.rank, "node": self.worker.node, "routed_expert_bytes": self.routed_bytes,
                 "other_bytes": self.other_bytes, "bytes_fetched": self.bytes_fetched, "kv_cache_bytes": self.kv_bytes,
-                "kv_slots": self.local.max_num_seqs, "device": str(self.worker.device),
+                "kv_blocks": [self.local.kv_plan.global_blocks, self.local.kv_plan.chunked_blocks],
+                "device": str(self.worker.device),
                 "experts_per_layer": [len(ex.shard.expert_ids) for ex in self.exchanges]}
 
     def execute(self, chunks: list, node_has_work: bool):
@@ -138,15 +136,8 @@ class ShardRunner:
         # Only the node's first rank answers (every rank has the gathered logits); host memory for Ray's transfer.
         return logits.cpu() if self.worker.tp_rank == 0 else None
 
-    def free(self, seq_ids: list[int]) -> None:
-        for s in seq_ids:
-            self.local.free(s)
-
     def routed_token_counts(self) -> torch.Tensor:
         return self.local.routed_token_counts()
-
-    def kv_cache_usage(self) -> float:
-        return self.local.kv_cache_usage()
 
     def exchange_times(self) -> dict:
         t = self.times

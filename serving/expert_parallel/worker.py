@@ -99,18 +99,14 @@ class EPWorker:
         self.runner = ShardRunner(self, spec)
         return self.runner.held_bytes()
 
-    def execute(self, chunks: list, node_has_work: bool, frees: list[int] = (), want_counts: bool = False):
-        """One engine step: free finished sequences' slots, then run the node's chunks (or an idle pass).
+    def execute(self, chunks: list, node_has_work: bool, want_counts: bool = False):
+        """One engine step: run the node's chunks over the blocks the engine chose (or an idle pass).
 
         Returns (logits or None, routing counts or None): the counts when asked, so the driver keeps a recent copy
         that outlives this worker (a rebuild would otherwise lose every count since the last read).
         """
-        self.runner.free(list(frees))
         logits = self.runner.execute(chunks, node_has_work)
         return logits, (self.runner.routed_token_counts() if want_counts else None)
-
-    def free(self, seq_ids: list[int]) -> None:
-        self.runner.free(seq_ids)
 
     def routed_token_counts(self):
         return self.runner.routed_token_counts()
@@ -118,5 +114,3 @@ class EPWorker:
     def exchange_times(self) -> dict:
         return self.runner.exchange_times()
 
-    def kv_cache_usage(self) -> float:
-        return self.runner.kv_cache_usage()

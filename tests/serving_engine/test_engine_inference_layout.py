@@ -1,18 +1,18 @@
-"""Serving-speed choices that must not change results: the post-load weight re-layout and the decode cache reads."""
+"""Serving-speed choices that must not change results: the post-load weight re-layout and paged cache reads."""
 from __future__ import annotations
 
 import torch
 
+from herd_testing import SlotTables
 from serving.loader import load_model
-from serving.model import Batch
 
 
-def _prefill(model, slot_ids: dict[int, list[int]]) -> None:
+def _prefill(model, tables: SlotTables, slot_ids: dict[int, list[int]]) -> None:
     """Each prompt piecewise at attention-chunk boundaries, as the scheduler does."""
     chunk = model.cfg.attention_chunk_size
     for slot, ids in slot_ids.items():
         for start in range(0, len(ids), chunk):
-            model(Batch.build([(slot, ids[start:start + chunk], start, True)], "cpu", chunk))
+            model(tables.batch([(slot, ids[start:start + chunk], start, True)]))
 
 
 def test_optimize_keeps_names_shapes_values_and_logits(maverick_tiny, prompts):
@@ -27,25 +27,24 @@ def test_optimize_keeps_names_shapes_values_and_logits(maverick_tiny, prompts):
     experts = fast.layers[fast.cfg.moe_layers[0]].feed_forward.experts
     assert experts.gate_up_proj.is_contiguous()  # the checkpoint's fused [in, out] layout, as EP reads it
     ids = {0: prompts(40, seed=1), 1: prompts(40, seed=2)}
+    steps = []
     for m in (plain, fast):
-        m.allocate_kv_cache(2, 64)
-        _prefill(m, ids)
-    step = Batch.build([(0, [5], 40, True), (1, [9], 40, True)], "cpu", fast.cfg.attention_chunk_size)
-    assert (plain(step) - fast(step)).abs().max().item() < 1e-5
+        tables = SlotTables(m, 2, 64)
+        _prefill(m, tables, ids)
+        steps.append(m(tables.batch([(0, [5], 40, True), (1, [9], 40, True)])))
+    assert (steps[0] - steps[1]).abs().max().item() < 1e-5
 
 
-def test_decode_reads_any_slot_order_like_one_sequence_at_a_time(maverick_tiny, prompts):
-    """Slots forming a range (any order) read one cache slice, others go through index_select: all equal solo."""
+def test_decode_over_scattered_blocks_equals_one_sequence_at_a_time(maverick_tiny, prompts):
+    """Block tables in any order (a busy pool hands blocks out scattered), sequences batched in any order: every
+    decode row equals that sequence decoded alone."""
     model = load_model(maverick_tiny)
-    chunk = model.cfg.attention_chunk_size
-    model.allocate_kv_cache(6, 96)
+    tables = SlotTables(model, 6, 96, shuffle=True)
     lengths = {0: 33, 1: 50, 2: 20, 4: 41, 5: 64}  # cross the 32-token chunk on RoPE layers
     prompt = {s: prompts(n, seed=10 + s) for s, n in lengths.items()}
-    _prefill(model, prompt)
-    solo = {s: model(Batch.build([(s, [7 + s], n, True)], "cpu", chunk)) for s, n in lengths.items()}
-    for slots, in_place in (([0, 1, 2], True), ([2, 0, 1], True), ([5, 4], True), ([5, 0, 4, 2], False)):
-        batch = Batch.build([(s, [7 + s], lengths[s], True) for s in slots], "cpu", chunk)
-        assert (batch.decode_slot_start is not None) == in_place
-        got = model(batch)  # rewrites the same cache entries with the same values
+    _prefill(model, tables, prompt)
+    solo = {s: model(tables.batch([(s, [7 + s], n, True)])) for s, n in lengths.items()}
+    for slots in ([0, 1, 2], [2, 0, 1], [5, 4], [5, 0, 4, 2]):
+        got = model(tables.batch([(s, [7 + s], lengths[s], True) for s in slots]))  # same entries, same values
         want = torch.cat([solo[s] for s in slots])
         assert (got - want).abs().max().item() < 1e-5, slots

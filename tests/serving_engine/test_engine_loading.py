@@ -21,10 +21,9 @@ def _copy_with_config(src, dst, edit):
 
 
 def _logits(model, ids):
-    from serving.model import Batch
+    from herd_testing import SlotTables
 
-    model.allocate_kv_cache(1, 64)
-    return model(Batch.build([(0, ids, 0, True)], "cpu", model.cfg.attention_chunk_size))
+    return model(SlotTables(model, 1, 64).batch([(0, ids, 0, True)]))
 
 
 def _released_form(t):

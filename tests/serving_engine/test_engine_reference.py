@@ -9,18 +9,20 @@ import pytest
 import torch
 
 from serving.engine import SamplingParams
-from serving.model import Batch
+from herd_testing import SlotTables
 
 CASES = [("scout_tiny", "scout_engine"), ("maverick_tiny", "maverick_engine")]
 
 
-def _herd_prompt_logits(model, ids: list[int], slot: int = 0) -> torch.Tensor:
-    """Logits of every prompt position, prefilled piece by piece at chunk boundaries like the scheduler does."""
+def _herd_prompt_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits of every prompt position, prefilled piece by piece at chunk boundaries like the scheduler does
+    (on a cache of its own: the model's engine, if any, must not use it afterwards)."""
     chunk = model.cfg.attention_chunk_size
+    tables = SlotTables(model, 1, len(ids))
     out, pos = [], 0
     while pos < len(ids):
         end = min((pos // chunk + 1) * chunk, len(ids))
-        batch = Batch.build([(slot, ids[pos:end], pos, True)], "cpu", chunk)
+        batch = tables.batch([(0, ids[pos:end], pos, True)])
         batch.logits_idx_N = torch.arange(end - pos)  # every row, not just the last
         out.append(model(batch))
         pos = end
@@ -34,8 +36,9 @@ def test_fp32_logits_match_transformers(ckpt, engine, request, reference, prompt
     ids = prompts(150, seed=7)
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-    got = _herd_prompt_logits(eng.executor.model, ids)
-    eng.executor.free(0)
+    from serving.loader import load_model
+
+    got = _herd_prompt_logits(load_model(path, "float32"), ids)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
     # Beyond floor_scale the NoPE temperature differs from 1: a model without it would not match.
@@ -78,7 +81,6 @@ def test_text_only_causal_lm_layout(maverick_tiny, tmp_path, reference, prompts)
     ref = reference(maverick_tiny)
     ref.save_pretrained(tmp_path, safe_serialization=True)
     model = load_model(tmp_path, "float32")
-    model.allocate_kv_cache(1, 256)
     ids = prompts(70, seed=5)
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([ids]), use_cache=False).logits[0]

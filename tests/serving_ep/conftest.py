@@ -79,13 +79,13 @@ def ep4_engine(ray_cluster, maverick_tiny, tmp_path_factory):
     from cluster.placement import PlacementMap
     from llama4.config import TextConfig
     from serving.engine import LLMEngine
-    from serving.engine.kv_cache import plan_kv_cache
+    from llama4.sizing import kv_bytes_per_token
 
     cfg = TextConfig.from_pretrained(maverick_tiny)
     path = tmp_path_factory.mktemp("placement") / "placement.json"
     PlacementMap.contiguous(list(cfg.moe_layers), cfg.num_local_experts, 2, nodes=2, redundant=2).save(path)
     # A per-worker KV budget of 1.5 full sequences: with tp=2 a worker holds half of each, so 3 per node.
-    per_seq = plan_kv_cache(cfg, 256, torch.float32, 1).bytes_per_sequence
+    per_seq = kv_bytes_per_token(cfg, "fp32").sequence_bytes(256)
     engine = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=256,
                                        expert_parallel_size=4, tensor_parallel_size=2, nodes=["node0", "node1"],
                                        num_cpus_per_worker=0.25, placement=str(path),

@@ -6,7 +6,7 @@ import pytest
 from cluster.placement import PlacementError, PlacementMap, resolve_placement
 from llama4.config import TextConfig
 from serving.config import EngineConfig
-from serving.expert_parallel.executor import build_ep_executor, node_slots
+from serving.expert_parallel.executor import build_ep_executor, node_kv_plan
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +65,19 @@ def test_cuda_workers_on_a_cluster_without_gpus_fail_at_once(ray_cluster, cfg, m
 
 
 def test_kv_budget_is_per_worker_and_tensor_parallel_halves_a_sequence(cfg, maverick_tiny):
-    import torch
+    from llama4.sizing import kv_bytes_per_token
 
-    from serving.engine.kv_cache import plan_kv_cache
+    per_seq = kv_bytes_per_token(cfg, "fp32").sequence_bytes(256)
 
-    per_seq = plan_kv_cache(cfg, 256, torch.float32, 1).bytes_per_sequence
+    def blocks(ep, tp=1, budget=None):
+        plan = node_kv_plan(EngineConfig.from_kwargs(maverick_tiny, max_model_len=256, max_num_seqs=8,
+                                                     expert_parallel_size=ep, tensor_parallel_size=tp,
+                                                     kv_cache_memory_bytes=budget))
+        return plan.global_blocks // 16  # in whole 256-token sequences
 
-    def slots(ep, tp=1, budget=None):
-        return node_slots(EngineConfig.from_kwargs(maverick_tiny, max_model_len=256, max_num_seqs=8,
-                                                   expert_parallel_size=ep, tensor_parallel_size=tp,
-                                                   kv_cache_memory_bytes=budget))
-
-    assert slots(2) == 4  # no budget: max_num_seqs spread over 2 nodes
-    assert slots(2, budget=3.5 * per_seq) == 3
+    assert blocks(2) == 4  # no budget: max_num_seqs spread over 2 nodes
+    assert blocks(2, budget=3.5 * per_seq) == 3
     # Two workers per node hold half the KV heads each: the same budget holds twice the sequences.
-    assert slots(4, 2, budget=1.5 * per_seq) == 3
+    assert blocks(4, 2, budget=1.5 * per_seq) == 3
     with pytest.raises(ValueError, match=r"kv_cache_memory_bytes \(1000, per worker\) cannot hold one sequence"):
-        slots(2, budget=1000)
+        blocks(2, budget=1000)

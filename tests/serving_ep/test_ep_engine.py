@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 
 from serving.engine import SamplingParams
-from serving.engine.executor import LocalExecutor, SeqChunk
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -14,12 +13,6 @@ def _node_names(placement: list[dict]) -> list[str]:
 
     res = {n["NodeID"]: n["Resources"] for n in ray.nodes()}
     return [next(k for k in ("node0", "node1") if k in res[p["node_id"]]) for p in placement]
-
-
-def _chunks(tokenizer, prompts) -> list[SeqChunk]:
-    """Three prefills (then their decodes): sequences land on both nodes."""
-    ids = [tokenizer.encode(p) for p in prompts[:3]]
-    return [SeqChunk(i, t, 0, True) for i, t in enumerate(ids)]
 
 
 @pytest.fixture(params=["ep2_engine", "ep4_engine"], ids=["ep2-2nodes", "ep4-2nodes-tp2"])
@@ -39,21 +32,45 @@ def test_greedy_tokens_match_single_process(ep_engine, reference_tokens, prompts
 
 @pytest.mark.slow
 def test_fp32_logits_within_1e4_of_single_process(ep_engine, reference_engine, prompts):
-    local: LocalExecutor = reference_engine.executor
-    ex = ep_engine.executor
-    chunks = _chunks(ep_engine.tokenizer, prompts)
-    seq0 = 1000  # fresh sequence ids, so neither engine's running sequences are touched
-    step1 = [SeqChunk(seq0 + c.seq_id, c.token_ids, 0, True) for c in chunks]
-    want, got = local.execute(step1), ex.execute(step1)
+    ids = [ep_engine.tokenizer.encode(p) for p in prompts[:3]]  # three prefills: they land on both nodes
+    want, got = reference_engine.last_token_logits(ids), ep_engine.last_token_logits(ids)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() < 1e-4
-    nxt = want.argmax(-1).tolist()
-    step2 = [SeqChunk(c.seq_id, [t], len(c.token_ids), True) for c, t in zip(step1, nxt)]
-    want, got = local.execute(step2), ex.execute(step2)
-    assert (got - want).abs().max().item() < 1e-4
-    for c in step1:
-        local.free(c.seq_id)
-        ex.free(c.seq_id)
+    # Decode steps too: the top-5 log-probabilities of every generated position.
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=5)
+    for a, b in zip(reference_engine.generate(ids, params), ep_engine.generate(ids, params)):
+        for pa, pb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert pa.keys() == pb.keys()
+            assert max(abs(pa[t].logprob - pb[t].logprob) for t in pa) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_prefix_hit_lands_on_the_node_that_holds_it(ep_engine, reference_engine, prompts):
+    """Blocks and prefix hits work per node: a request sharing a cached prefix goes to the node holding it (not
+    the least loaded), reuses its blocks, and still gives the single-process tokens."""
+    system = list(range(100, 180))  # 80 tokens: 5 full blocks, the chunk of the hit's end starts at 64
+    asks = [system + ep_engine.tokenizer.encode(p) for p in prompts[:2]]
+    nodes = []
+    for i, ids in enumerate(asks):
+        hits = ep_engine.stats().prefix_cache_hits
+        ep_engine.add_request(f"prefix-{i}", ids, GREEDY)
+        seq = ep_engine._requests[f"prefix-{i}"].seq_id
+        ep_engine.step()
+        nodes.append(ep_engine.kv.tables(seq)[0])
+        if i == 0:  # keep a sequence on this node, so "least loaded" alone would pick the other one
+            ep_engine.add_request("hold", [7] * 40, SamplingParams(max_tokens=40, ignore_eos=True))
+            ep_engine.step()
+        while f"prefix-{i}" in ep_engine._requests:
+            ep_engine.step()
+        if i == 1:
+            assert ep_engine.stats().prefix_cache_hits - hits == 80
+    assert nodes[0] == nodes[1]
+    ep_engine.abort_request("hold")
+    while ep_engine.has_unfinished_requests():
+        ep_engine.step()
+    want = [o.outputs[0].token_ids for o in reference_engine.generate(asks, GREEDY)]
+    got = [o.outputs[0].token_ids for o in ep_engine.generate(asks, GREEDY)]
+    assert got == want
 
 
 @pytest.mark.slow
@@ -108,16 +125,15 @@ def test_routing_statistics_sum_over_nodes(ep_engine, maverick_tiny):
 @pytest.mark.slow
 def test_kv_cache_budget_is_per_worker(ep4_engine, maverick_tiny):
     """ep4_engine was given a per-worker budget of 1.5 full sequences: a worker holds half the KV heads (tp=2),
-    so 3 sequences fit per node, 6 in the replica, and each worker allocated exactly that."""
-    import torch
-
+    so its node's pools hold 3 full sequences' blocks, and each worker allocated exactly that."""
     from llama4.config import TextConfig
-    from serving.engine.kv_cache import plan_kv_cache
+    from llama4.sizing import kv_bytes_per_token
 
     cfg = TextConfig.from_pretrained(maverick_tiny)
-    per_seq = plan_kv_cache(cfg, 256, torch.float32, 1).bytes_per_sequence
+    per_seq = kv_bytes_per_token(cfg, "fp32").sequence_bytes(256)
     ex = ep4_engine.executor
-    assert ex.max_num_seqs == 6 and ep4_engine.scheduler.max_num_seqs == 6
+    assert (ex.kv_plan.global_blocks, ex.kv_plan.chunked_blocks) == (3 * 16, 3 * 2)
+    assert len(ep4_engine.kv.pools) == 2  # one block manager per node
     for held in ex.worker_bytes:
-        assert held["kv_slots"] == 3
+        assert held["kv_blocks"] == [48, 6]
         assert held["kv_cache_bytes"] == 3 * per_seq / 2 <= 1.5 * per_seq

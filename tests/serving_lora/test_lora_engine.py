@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from serving.engine import LLMEngine, SamplingParams
-from serving.engine.executor import SeqChunk
 from serving.lora import LoraError
 
 PROMPTS = ["The quick brown fox", "Llama herds cross the", "adapters change answers"]
@@ -41,8 +40,7 @@ def test_greedy_tokens_and_logits_equal_peft(lora_engine, peft_model, maverick_t
     ids = lora_engine.tokenizer.encode(PROMPTS[0])
     with torch.no_grad():
         expected = peft_model(input_ids=torch.tensor([ids])).logits[0, -1]
-    logits = lora_engine.executor.execute([SeqChunk(999, ids, 0, True)])[0]
-    lora_engine.executor.free(999)
+    logits = lora_engine.last_token_logits([ids])[0]
     assert (logits - expected).abs().max().item() < 1e-4
 
 
