@@ -170,6 +170,11 @@ def build_app(args: dict):
     from serving.api.auth import load_api_keys
 
     a = parse_args(args)
+    cfg = _checkpoint_config(a.model)
+    if cfg is not None:  # the layout's model-dependent rules (same as the engine's), before any replica starts
+        from serving.config import LayoutNames
+
+        a.parallel_config().validate(cfg, "cpu", names=LayoutNames(prefix="serve args: "))
     if a.max_model_len is None:
         if a.model.startswith("s3://"):
             raise UserError("serve args: set max_model_len for an s3:// model (its config is read by the replicas)")
@@ -190,11 +195,6 @@ def _check_adapter(a) -> None:
     """Refuse, before anything starts, an adapter herd cannot merge or a served name the licence forbids: a
     fine-tuned Llama made available to users must be named "Llama..." (Llama 4 Community License, 1.b.i)."""
     from common.errors import UserError
-    cfg = _checkpoint_config(a.model)
-    if cfg is not None:  # the layout's model-dependent rules (same as the engine's), before any replica starts
-        from serving.config import LayoutNames
-
-        a.parallel_config().validate(cfg, "cpu", names=LayoutNames(prefix="serve args: "))
     from licensing import require_llama_prefix
     from serving.lora import LoraAdapter, LoraError
 
