@@ -126,10 +126,7 @@ class OpenAIServer:
 
         try:
             self.keys.identity(request.headers.get("authorization"))
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                raise ApiError(413, f"Request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}.",
-                               code="body_too_large")
+            body = await read_body(request)
             schema = TokenizeRequest if kind == "tokenize" else DetokenizeRequest
             req = self._parse(schema, body)
             if req.model is not None and req.model != self.model_name:
@@ -169,10 +166,11 @@ class OpenAIServer:
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         streams: list = []
         try:
-            req, jobs = await self._accept(request, kind, rid)
+            req, jobs, user = await self._accept(request, kind, rid)
             streams = [self.generate(job) for job in jobs]
             # Every prompt's request starts at once; a refusal of any (400/503) refuses the whole request.
             firsts = await asyncio.gather(*[self._first(items, rid) for items in streams])
+            record_safely(self.recorder, user, self.product)  # the model accepted it: now it counts
             if req.stream:
                 return self._stream(req, kind, rid, firsts, streams)
             return await self._whole(req, kind, rid, firsts, streams)
@@ -209,10 +207,9 @@ class OpenAIServer:
             job["echo"] = bool(req.echo)
             jobs = [dict(job, prompt=p, request_id=rid if len(prompts) == 1 else f"{rid}-{i}")
                     for i, p in enumerate(prompts)]
-        user = resolve_user(req.user, request.headers.get(USER_HEADER), identity)
-        record_safely(self.recorder, user, self.product)
+        user = resolve_user(req.user, request.headers.get(USER_HEADER), identity, self.trust_user_field)
         log.info("request %s from user %s", rid, log_tag(user))
-        return req, jobs
+        return req, jobs, user
 
     @staticmethod
     def _parse(schema, body: bytes):
