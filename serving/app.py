@@ -56,7 +56,7 @@ class Ingress:
         self.args = ServeArgs.model_validate(args)
         self.model = model_handle
         self.hub = hub_handle(self.args.app_name)
-        self.recorder = make_recorder()
+        self.recorder = make_recorder(self.args.licensing_store, required=self.args.require_licensing)
         self.server = OpenAIServer(self.args.model_name, self.args.max_model_len or 0, self._generate,
                                    self._metrics, KeyChecker(key_digests), self.recorder, is_backpressure,
                                    self.args.retry_after_s, self.args.product,
@@ -185,10 +185,25 @@ def build_app(args: dict):
         a = a.model_copy(update={"max_model_len": cfg.max_position_embeddings})
     if a.lora_adapter:
         _check_adapter(a)
+    a = _check_licensing(a)
     digests = load_api_keys(a.api_keys_file) if a.api_keys_file else {}
     plain = a.model_dump()
     model = ModelServer.options(**model_deployment_options(a)).bind(plain)
     return Ingress.options(ray_actor_options={"num_cpus": a.ingress_num_cpus}).bind(model, plain, digests)
+
+
+def _check_licensing(a):
+    """Say loudly whether users will be counted and where; with require_licensing, refuse to start without a key.
+    The store is fixed here (absolute), so replicas never write relative to their own working directory."""
+    from common.errors import UserError
+    from serving.usage import licensing_status
+
+    status = licensing_status(a.licensing_store)
+    if a.require_licensing and not status.counting:
+        raise UserError("serve args: require_licensing is set but HERD_LICENSING_KEY is not; set it (and "
+                        "HERD_LICENSING_STORE) in the server's environment, or drop require_licensing")
+    log.warning("%s", status.message)
+    return a.model_copy(update={"licensing_store": status.store})
 
 
 def _check_adapter(a) -> None:

@@ -34,6 +34,9 @@ def serve_command(
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use in `model`."),
     lora_adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder to serve (merged at load), "
                                                            "e.g. a fine-tune's output/adapter."),
+    require_licensing: bool = typer.Option(False, "--require-licensing",
+                                           help="Refuse to start unless users are counted for the licence "
+                                                "(HERD_LICENSING_KEY set)."),
     trust_user_field: Optional[bool] = typer.Option(
         None, "--trust-user-field/--no-trust-user-field",
         help="Count the body's `user` / X-User-Id as the licence's user (namespaced by the key's identity). "
@@ -47,7 +50,7 @@ def serve_command(
                  "max_model_len": max_model_len, "served_model_name": served_model_name,
                  "api_keys_file": str(api_keys_file) if api_keys_file else None,
                  "lora_adapter": str(lora_adapter.resolve()) if lora_adapter else None,
-                 "trust_user_field": trust_user_field}
+                 "trust_user_field": trust_user_field, "require_licensing": require_licensing or None}
     args.update({k: v for k, v in overrides.items() if v is not None})
     run_blocking(args, host, port or default_port, ray_address)
 
@@ -76,6 +79,9 @@ def run_blocking(args: dict, host: str, port: int, ray_address: str = "auto") ->
     from serving.app import build_app
 
     app = build_app(args)  # validates args (and reads the keys file) before Ray starts
+    from serving.usage import licensing_status
+
+    print(f"herd: {licensing_status(args.get('licensing_store')).message}", flush=True)
     import ray
     from ray import serve
 

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 ANONYMOUS = "anonymous"
@@ -51,20 +52,50 @@ def log_tag(user_id: str) -> str:
     return hashlib.blake2b(user_id.encode("utf-8"), key=_LOG_SALT, digest_size=4).hexdigest()
 
 
-def make_recorder() -> Recorder:
-    """licensing's live MauTracker when it is available and configured, else a NullRecorder.
+@dataclass(frozen=True)
+class LicensingStatus:
+    """Whether this process's environment lets serving count users for the licence, and where to."""
 
-    The tracker reads its store and key from the environment (HERD_LICENSING_STORE / HERD_LICENSING_KEY); when
-    they are missing serving still serves, and says once (without any user ID) that usage is not being recorded.
+    counting: bool
+    store: str  # an absolute folder or an s3:// URL
+    message: str  # one line for the operator (no secret in it)
+
+
+def licensing_status(store: str | None = None) -> LicensingStatus:
+    """Read HERD_LICENSING_KEY / HERD_LICENSING_STORE (never echoing the key); a relative store folder is made
+    absolute here, so every replica writes where the operator was told."""
+    from licensing.keyed_hash import KEY_ENV
+    from licensing.store import DEFAULT_STORE, STORE_ENV
+
+    where = store or os.environ.get(STORE_ENV) or DEFAULT_STORE
+    if "://" not in where:
+        where = os.path.abspath(os.path.expanduser(where))
+    if os.environ.get(KEY_ENV, "").strip():
+        return LicensingStatus(True, where, f"licensing: counting users for the licence (keyed hashes) in {where}")
+    return LicensingStatus(False, where, f"licensing: NOT counting users for the licence: {KEY_ENV} is not set in "
+                                         f"the server's environment (set it and {STORE_ENV}; require_licensing / "
+                                         "--require-licensing refuses to start without it)")
+
+
+def make_recorder(store: str | None = None, required: bool = False) -> Recorder:
+    """licensing's live MauTracker writing to `store` (default: the environment's), else a NullRecorder.
+
+    The tracker reads its key from HERD_LICENSING_KEY. When it cannot start, serving still serves and says so
+    loudly (without any user ID), unless `required`: then this raises, and the replica does not start.
     """
     from licensing import MauTracker
 
+    status = licensing_status(store)
     try:
-        return MauTracker()
-    except Exception as e:  # a missing key or store is an operator's setup step, not a reason to stop serving
-        log.warning("licensing tracker not started (%s); requests are not counted for the licence",
-                    e.__class__.__name__)
+        tracker = MauTracker(store=status.store)
+    except Exception as e:  # a missing key or store is an operator's setup step
+        if required:
+            raise RuntimeError(f"require_licensing is set but the licensing tracker cannot start "
+                               f"({e.__class__.__name__}): {status.message}") from None
+        log.warning("%s (tracker not started: %s)", status.message, e.__class__.__name__)
         return NullRecorder()
+    log.warning("%s", status.message)
+    return tracker
 
 
 def record_safely(recorder: Recorder, user_id: str, product: str, timestamp: float | None = None) -> None:

@@ -51,6 +51,11 @@ class ServeArgs(BaseModel):
     worker_num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per expert-parallel worker.")
     ingress_num_cpus: float = Field(0.1, gt=0, le=64, description="CPUs for the HTTP ingress replica.")
     product: str = Field("llm-api", min_length=1, description="Product name requests count under for the licence.")
+    require_licensing: bool = Field(False, description="Refuse to start unless users are counted for the licence "
+                                                      "(HERD_LICENSING_KEY set where the server runs).")
+    licensing_store: Optional[str] = Field(None, description="Where replicas record users (folder or s3:// URL); "
+                                                             "default: $HERD_LICENSING_STORE, else ./herd-data/"
+                                                             "licensing, made absolute when the app is built.")
     trust_user_field: Optional[bool] = Field(None, description="Count the body's `user` / the X-User-Id header as "
                                                                "the licence's user (namespaced by the key's identity "
                                                                "when keys are set). Default: on without "
