@@ -90,7 +90,7 @@ def random_models(text: dict, device: str, dtype: str, max_seqs: int, max_len: i
     model.eval().requires_grad_(False)
     tok_path = cpu_checkpoint(argparse.Namespace(checkpoint=None, preset="maverick-tiny"))
     engine = LLMEngine(LocalExecutor(model, plan_kv_cache(cfg, max_len, tdtype, max_seqs)),
-                       AutoTokenizer.from_pretrained(str(tok_path)), cfg, max_model_len=max_len)
+                       AutoTokenizer.from_pretrained(str(tok_path)), cfg, max_model_len=max_len, max_num_seqs=max_seqs)
     hf = None
     if with_hf:
         default = torch.get_default_dtype()
