@@ -22,7 +22,9 @@ from cluster.gpus import GPU_KINDS
 from cluster.placement import PlacementMap
 from cluster.schema import ClusterFileError, ClusterSpec
 from llama4.config import TextConfig
-from llama4.sizing import kv_bytes_per_token, max_sequences, param_counts, weight_bytes
+from llama4.sizing import (DEFAULT_BLOCK_SIZE, DEFAULT_MEAN_SEQUENCE_TOKENS, BlockCounts, blocks_bytes, cache_tokens,
+                           kv_bytes_per_token, kv_pools, longest_sequence, max_sequences, param_counts,
+                           peak_sequence_blocks, sequences_in_pools, weight_bytes)
 
 GB = 1e9
 
@@ -42,6 +44,8 @@ class Layout:
     concurrent: int
     expert_copies_per_gpu: int  # over all MoE layers, on the busiest GPU
     vision_bytes: float = 0.0  # vision encoder + projector, held beside the non-expert weights
+    mean_tokens: int = DEFAULT_MEAN_SEQUENCE_TOKENS  # the sequence length the paged cache's pools are split for
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     @property
     def expert_parallel_size(self) -> int:
@@ -81,12 +85,22 @@ class KVCapacity:
     chunked_layers: int
     global_layers: int
     sequence_bytes: float  # one full-context sequence, whole model
-    sequences_per_node: int  # at full context
+    sequences_per_node: int  # at full context, the cache split for full-context sequences
     sequences_per_replica: int
     sequences_total: int
-    tokens_per_replica: int  # full-context sequences x context
-    longest_context_per_node: int  # one sequence alone
+    longest_context_per_node: int  # one sequence alone, with the whole cache (at most the model's context)
     context_for_target: int  # longest context at which max_concurrent_sequences all fit
+    # The paged cache as the engine sizes it from this budget (serving/engine/kv_cache.py): pools of
+    # `block_size`-token blocks holding one max_context_len sequence, the rest split for `mean_sequence_tokens`.
+    block_size: int = DEFAULT_BLOCK_SIZE
+    mean_sequence_tokens: int = DEFAULT_MEAN_SEQUENCE_TOKENS
+    global_blocks_per_node: int = 0
+    chunked_blocks_per_node: int = 0
+    cache_tokens_per_node: int = 0  # tokens in the cache over all sequences (the global layers' pool)
+    cache_tokens_per_replica: int = 0
+    mean_sequences_per_node: int = 0  # sequences of mean_sequence_tokens the pools hold at once
+    mean_sequences_per_replica: int = 0
+    mean_sequences_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,7 @@ def plan(spec: ClusterSpec, throughput: float | None = None) -> Plan:
         memory_per_gpu=group.memory_per_gpu(), fraction=s.gpu_memory_fraction, reserve=s.runtime_reserve_gib * 2**30,
         context=s.max_context_len, concurrent=s.max_concurrent_sequences,
         expert_copies_per_gpu=_busiest_worker_copies(placement),
-        vision_bytes=_vision(spec, cfg)["weight_bytes_vision"],
+        vision_bytes=_vision(spec, cfg)["weight_bytes_vision"], mean_tokens=s.mean_sequence_tokens,
     )
     mem, kv = memory(cfg, layout, replicas=s.replicas)
     reasons, fixes, warnings = _verdict(spec, cfg, layout, mem, kv)
@@ -161,7 +175,8 @@ def plan(spec: ClusterSpec, throughput: float | None = None) -> Plan:
                 "nodes_per_replica": s.nodes_per_replica, "nodes_needed": s.replicas * s.nodes_per_replica,
                 "nodes_available": group.count, "tensor_parallel_size": group.gpus_per_node,
                 "expert_parallel_size": layout.expert_parallel_size,
-                "max_context_len": s.max_context_len, "max_concurrent_sequences": s.max_concurrent_sequences},
+                "max_context_len": s.max_context_len, "max_concurrent_sequences": s.max_concurrent_sequences,
+                "mean_sequence_tokens": s.mean_sequence_tokens},
         per_gpu=mem, kv=kv, placement=placement, placement_source=source, cost=_cost(spec, throughput),
     )
 
@@ -184,6 +199,9 @@ def memory(cfg: TextConfig, layout: Layout, replicas: int = 1) -> tuple[GpuMemor
     per_node = max_sequences(cfg, node_budget, layout.context, layout.kv_dtype) if node_budget > 0 else 0
     seqs_on_node = math.ceil(layout.concurrent / layout.nodes_per_replica)
     seq_bytes = kvt.sequence_bytes(layout.context)
+    pools = _pools(kvt, node_budget, layout)
+    at_mean = sequences_in_pools(kvt, pools, layout.mean_tokens, layout.block_size)
+    limit = cfg.max_position_embeddings
     kv = KVCapacity(
         bytes_per_token_within_chunk=kvt.per_layer * (kvt.chunked_layers + kvt.global_layers),
         bytes_per_token_beyond_chunk=kvt.per_layer * kvt.global_layers,
@@ -191,9 +209,14 @@ def memory(cfg: TextConfig, layout: Layout, replicas: int = 1) -> tuple[GpuMemor
         sequence_bytes=seq_bytes, sequences_per_node=per_node,
         sequences_per_replica=per_node * layout.nodes_per_replica,
         sequences_total=per_node * layout.nodes_per_replica * replicas,
-        tokens_per_replica=per_node * layout.nodes_per_replica * layout.context,
-        longest_context_per_node=min(_longest_context(kvt, node_budget), cfg.max_position_embeddings),
-        context_for_target=min(_longest_context(kvt, node_budget / seqs_on_node), cfg.max_position_embeddings),
+        longest_context_per_node=longest_sequence(kvt, node_budget, layout.block_size, limit),
+        context_for_target=longest_sequence(kvt, node_budget / seqs_on_node, layout.block_size, limit),
+        block_size=layout.block_size, mean_sequence_tokens=layout.mean_tokens,
+        global_blocks_per_node=pools.global_blocks, chunked_blocks_per_node=pools.chunked_blocks,
+        cache_tokens_per_node=cache_tokens(kvt, pools, layout.block_size),
+        cache_tokens_per_replica=cache_tokens(kvt, pools, layout.block_size) * layout.nodes_per_replica,
+        mean_sequences_per_node=at_mean, mean_sequences_per_replica=at_mean * layout.nodes_per_replica,
+        mean_sequences_total=at_mean * layout.nodes_per_replica * replicas,
     )
     mem = GpuMemory(total=layout.memory_per_gpu, usable=usable, non_expert=non_expert, routed_experts=experts,
                     reserve=layout.reserve, vision=vision, kv_budget=budget, kv_needed=seq_bytes * seqs_on_node * share)
@@ -218,15 +241,13 @@ def _vision(spec: ClusterSpec, cfg: TextConfig) -> dict:
             "image_tokens_per_request_max": per_image * spec.serving.images.max_per_request}
 
 
-def _longest_context(kvt, budget: float) -> int:
-    """Longest single sequence a whole-model KV budget holds (chunked layers stop growing at the chunk)."""
-    if budget <= 0 or kvt.per_layer <= 0:
-        return 0
-    layers = kvt.chunked_layers + kvt.global_layers
-    within = budget / (kvt.per_layer * layers)
-    if within <= kvt.chunk_size or kvt.global_layers == 0:
-        return int(within) if kvt.global_layers or within <= kvt.chunk_size else 2**62
-    return int((budget / kvt.per_layer - kvt.chunked_layers * kvt.chunk_size) / kvt.global_layers)
+def _pools(kvt, node_budget: float, layout: Layout) -> BlockCounts:
+    """The block pools a node's whole-model KV budget buys, as the engine splits them (none when the budget cannot
+    hold one max_context_len sequence)."""
+    one = peak_sequence_blocks(kvt, layout.context, layout.block_size)
+    if node_budget <= 0 or node_budget < blocks_bytes(kvt, one, layout.block_size):
+        return BlockCounts(0, 0)
+    return kv_pools(kvt, node_budget, layout.context, layout.block_size, layout.mean_tokens)
 
 
 def _placement(spec: ClusterSpec, cfg: TextConfig) -> tuple[PlacementMap, str]:

@@ -36,10 +36,14 @@ def format_plan(p: Plan, source: str | None = None) -> str:
         f"({kv.chunked_layers + kv.global_layers} layers), {kv.bytes_per_token_beyond_chunk:,.0f} B per token beyond "
         f"(only the {kv.global_layers} global NoPE layers grow; the {kv.chunked_layers} chunked layers keep at most "
         f"{kv.chunk_size})",
-        f"           {lay['max_context_len']}-token sequences: {kv.sequences_per_node} per node, "
-        f"{kv.sequences_per_replica} per replica, {kv.sequences_total} in the cluster "
-        f"({kv.tokens_per_replica:,} tokens per replica); longest single sequence per node "
-        f"{kv.longest_context_per_node:,} tokens",
+        f"           paged in {kv.block_size}-token blocks: {kv.cache_tokens_per_replica:,} tokens in the cache per "
+        f"replica ({kv.cache_tokens_per_node:,} per node); {kv.mean_sequences_per_replica:,} sequences of "
+        f"{kv.mean_sequence_tokens:,} tokens (serving.mean_sequence_tokens) at once per replica "
+        f"({kv.mean_sequences_per_node:,} per node, {kv.mean_sequences_total:,} in the cluster)",
+        f"           longest single sequence {lay['max_context_len']:,} tokens (serving.max_context_len; the cache "
+        f"could hold one of {kv.longest_context_per_node:,} per node); {kv.sequences_per_node} sequences that long "
+        f"per node, {kv.sequences_per_replica} per replica, {kv.sequences_total} in the cluster when "
+        "serving.mean_sequence_tokens is that long",
     ]
     lines += _placement_lines(p)
     lines.append(_cost_line(p))

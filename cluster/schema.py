@@ -134,6 +134,10 @@ class Serving(_Closed):
     max_context_len: int = Field(8192, ge=16, description="longest sequence (prompt + output) in tokens "
                                                           "(default 8192, or the model's limit if lower)")
     max_concurrent_sequences: int = Field(32, ge=1, le=65536, description="sequences one replica runs at once")
+    mean_sequence_tokens: int = Field(2048, ge=16, description="typical sequence length (prompt + output) in tokens: "
+                                                               "the paged KV cache's pools are split for it and "
+                                                               "herd plan counts sequences of it (default 2048, or "
+                                                               "max_context_len if lower)")
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1.0, description="share of each GPU's memory herd may use")
     runtime_reserve_gib: float = Field(2.0, ge=0, le=64, description="per-GPU memory kept for activations, "
                                                                      "CUDA context and exchange buffers, GiB")
@@ -272,6 +276,9 @@ def _parse(raw: Any, source: str) -> ClusterSpec:
     serving = raw.get("serving") if isinstance(raw.get("serving"), dict) else {}
     if "max_context_len" not in serving:
         spec = _default_context(spec)
+    if "mean_sequence_tokens" not in serving and spec.serving.mean_sequence_tokens > spec.serving.max_context_len:
+        spec = spec.model_copy(update={"serving": spec.serving.model_copy(
+            update={"mean_sequence_tokens": spec.serving.max_context_len})})
     try:
         _check_consistency(spec)
     except ClusterFileError as e:
@@ -331,6 +338,9 @@ def _check_consistency(spec: ClusterSpec) -> None:
     if s.max_context_len > cfg.max_position_embeddings:
         raise ClusterFileError(f"serving.max_context_len: {s.max_context_len} exceeds the model's "
                                f"max_position_embeddings {cfg.max_position_embeddings}; lower it")
+    if s.mean_sequence_tokens > s.max_context_len:
+        raise ClusterFileError(f"serving.mean_sequence_tokens: {s.mean_sequence_tokens} exceeds serving.max_context_len "
+                               f"{s.max_context_len} (no sequence is longer); lower it or raise max_context_len")
     if s.redundant_experts and ep == 1:
         raise ClusterFileError("serving.redundant_experts: a replica of one GPU gains nothing from extra copies; "
                                "set it to 0")

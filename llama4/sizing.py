@@ -143,3 +143,89 @@ def vision_params(vision: dict, text_hidden_size: int) -> int:
     embed = vision.get("num_channels", 3) * p * p * c + c + patches * c + 2 * 2 * c  # patches, class, positions, norms
     adapter = inter * vision["projector_input_dim"] + vision["projector_output_dim"] ** 2
     return embed + vision["num_hidden_layers"] * per_layer + adapter + vision["vision_output_dim"] * text_hidden_size
+
+
+# ---- the paged KV cache's block arithmetic (serving/engine/kv_cache.py sizes its pools with these) -------------
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV-cache block (vLLM's default)
+DEFAULT_MEAN_SEQUENCE_TOKENS = 2048  # the sequence length a budget is split for, unless told
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """Blocks of each layer type's pool: the global (NoPE) layers' and the chunked (RoPE) layers'."""
+
+    global_blocks: int
+    chunked_blocks: int
+
+
+def sequence_blocks(kv: KVBytesPerToken, num_tokens: int, block_size: int) -> BlockCounts:
+    """Blocks one sequence of `num_tokens` tokens holds at its end: global layers a block per `block_size` tokens,
+    chunked layers only the blocks of the chunk its last token is in (chunks start at multiples of the chunk size).
+    A layer type the model lacks holds none."""
+    chunk_tokens = num_tokens - (num_tokens - 1) // kv.chunk_size * kv.chunk_size if num_tokens else 0
+    return BlockCounts(-(-num_tokens // block_size) if kv.global_layers else 0,
+                       -(-chunk_tokens // block_size) if kv.chunked_layers else 0)
+
+
+def peak_sequence_blocks(kv: KVBytesPerToken, num_tokens: int, block_size: int) -> BlockCounts:
+    """The most blocks one sequence holds while it grows to `num_tokens` tokens (a whole chunk's, once past it)."""
+    return BlockCounts(sequence_blocks(kv, num_tokens, block_size).global_blocks,
+                       -(-min(kv.chunk_size, num_tokens) // block_size) if kv.chunked_layers else 0)
+
+
+def block_bytes(kv: KVBytesPerToken, block_size: int) -> tuple[float, float]:
+    """Bytes one block costs over all layers of its type: (global, chunked)."""
+    per = kv.per_layer * block_size
+    return per * kv.global_layers, per * kv.chunked_layers
+
+
+def blocks_bytes(kv: KVBytesPerToken, blocks: BlockCounts, block_size: int) -> float:
+    """Bytes `blocks` cost."""
+    g, c = block_bytes(kv, block_size)
+    return blocks.global_blocks * g + blocks.chunked_blocks * c
+
+
+def kv_pools(kv: KVBytesPerToken, budget_bytes: float, max_len: int, block_size: int = DEFAULT_BLOCK_SIZE,
+             mean_tokens: int = DEFAULT_MEAN_SEQUENCE_TOKENS) -> BlockCounts:
+    """The two pools a KV budget buys: first one whole sequence of `max_len` tokens (so every admitted sequence can
+    finish), then the rest split in the proportion a sequence of `mean_tokens` needs. ValueError when the budget
+    cannot hold the one sequence."""
+    one = peak_sequence_blocks(kv, max_len, block_size)
+    need = blocks_bytes(kv, one, block_size)
+    if budget_bytes < need:
+        raise ValueError(f"a KV budget of {int(budget_bytes)} bytes cannot hold one sequence of {max_len} tokens "
+                         f"({int(need)} bytes)")
+    mean = sequence_blocks(kv, max(1, min(mean_tokens, max_len)), block_size)
+    mean_cost = blocks_bytes(kv, mean, block_size)
+    extra = int((budget_bytes - need) // mean_cost) if mean_cost else 0
+    return BlockCounts(one.global_blocks + extra * mean.global_blocks, one.chunked_blocks + extra * mean.chunked_blocks)
+
+
+def cache_tokens(kv: KVBytesPerToken, pools: BlockCounts, block_size: int) -> int:
+    """Tokens the pools hold over all sequences: the global pool's (every token of a sequence has a global block;
+    chunked layers need fewer), or the chunked pool's for a model without global layers."""
+    return (pools.global_blocks if kv.global_layers else pools.chunked_blocks) * block_size
+
+
+def sequences_in_pools(kv: KVBytesPerToken, pools: BlockCounts, num_tokens: int, block_size: int) -> int:
+    """How many sequences of `num_tokens` tokens the pools hold at once (each at its peak)."""
+    need = peak_sequence_blocks(kv, num_tokens, block_size)
+    fits = [have // n for have, n in ((pools.global_blocks, need.global_blocks),
+                                      (pools.chunked_blocks, need.chunked_blocks)) if n]
+    return min(fits, default=0)
+
+
+def longest_sequence(kv: KVBytesPerToken, budget_bytes: float, block_size: int = DEFAULT_BLOCK_SIZE,
+                     limit: int = 2**62) -> int:
+    """The longest single sequence, in tokens, a KV budget holds when the sequence has it to itself (a multiple
+    of the block size; chunked layers stop growing at the chunk), at most `limit` (the model's context)."""
+    g, c = block_bytes(kv, block_size)
+    if budget_bytes <= 0 or g + c <= 0:
+        return 0
+    chunk_blocks = -(-kv.chunk_size // block_size)
+    within = int(budget_bytes // (g + c))  # blocks while the sequence is within its first chunk
+    if within < chunk_blocks or not kv.chunked_layers:
+        return min(within * block_size, limit)
+    if not g:
+        return limit  # only chunked layers: past one chunk a sequence needs no more blocks
+    return min(int((budget_bytes - chunk_blocks * c) // g) * block_size, limit)

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from llama4.config import TextConfig
-from llama4.sizing import kv_bytes_per_token
+from llama4.sizing import (KVBytesPerToken, blocks_bytes, kv_bytes_per_token, kv_pools, peak_sequence_blocks,
+                           sequence_blocks)
 
 _SIZING_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}  # fp16 costs as bf16
 DEFAULT_BLOCK_SIZE = 16
@@ -69,9 +70,9 @@ class KVCachePlan:
 
     def blocks_for(self, num_tokens: int) -> dict[str, int]:
         """Blocks of each pool one sequence of `num_tokens` tokens holds at its end."""
-        chunk_tokens = num_tokens - (num_tokens - 1) // self.chunk_size * self.chunk_size if num_tokens else 0
-        return {GLOBAL: -(-num_tokens // self.block_size) if self.global_layers else 0,
-                CHUNKED: -(-chunk_tokens // self.block_size) if self.chunked_layers else 0}
+        kv = KVBytesPerToken(self.bytes_per_token_per_layer, self.chunked_layers, self.global_layers, self.chunk_size)
+        b = sequence_blocks(kv, num_tokens, self.block_size)
+        return {GLOBAL: b.global_blocks, CHUNKED: b.chunked_blocks}
 
     def longest_sequence(self) -> int:
         """The most tokens one sequence can reach when it has the whole cache to itself."""
@@ -115,30 +116,25 @@ def plan_kv_cache(cfg: TextConfig, max_model_len: int, dtype: torch.dtype, max_n
         raise ValueError(f"block_size ({block_size}) must divide the model's attention_chunk_size "
                          f"({cfg.attention_chunk_size}): a chunk's blocks are freed together")
     name = _SIZING_NAMES.get(dtype, "fp32")
-    per = kv_bytes_per_token(cfg, name)
-    per_layer = per.per_layer / tp
+    full = kv_bytes_per_token(cfg, name)
+    per = replace(full, per_layer=full.per_layer / tp)  # what one worker holds of each token
     shape = dict(block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_dtype=name,
-                 bytes_per_token_per_layer=per_layer, chunked_layers=per.chunked_layers,
+                 bytes_per_token_per_layer=per.per_layer, chunked_layers=per.chunked_layers,
                  global_layers=per.global_layers, chunk_size=per.chunk_size)
-    probe = KVCachePlan(global_blocks=0, chunked_blocks=0, **shape)
-    one = probe.blocks_for(min(max_model_len, per.chunk_size) if not per.global_layers else max_model_len)
-    one_long = {GLOBAL: one[GLOBAL], CHUNKED: -(-min(per.chunk_size, max_model_len) // block_size)}
+    one = peak_sequence_blocks(per, max_model_len, block_size)
     if memory_bytes is None:
-        return KVCachePlan(global_blocks=max_num_seqs * one_long[GLOBAL],
-                           chunked_blocks=max_num_seqs * one_long[CHUNKED], **shape)
-    bb = probe.block_bytes
-    need = one_long[GLOBAL] * bb[GLOBAL] + one_long[CHUNKED] * bb[CHUNKED]
+        return KVCachePlan(global_blocks=max_num_seqs * one.global_blocks,
+                           chunked_blocks=max_num_seqs * one.chunked_blocks, **shape)
+    need = blocks_bytes(per, one, block_size)
     if memory_bytes < need:
         who = (f", per worker) cannot hold one sequence of max_model_len={max_model_len} tokens ({int(need)} "
                f"bytes per worker at tensor_parallel_size={tp}" if tensor_parallel_size else
                f") cannot hold one sequence of max_model_len={max_model_len} tokens ({int(need)} bytes")
         raise ValueError(f"kv_cache_memory_bytes ({int(memory_bytes)}{who}); raise the budget or lower "
                          "max_model_len")
-    mean = probe.blocks_for(max(1, min(mean_sequence_tokens, max_model_len)))
-    mean_cost = mean[GLOBAL] * bb[GLOBAL] + mean[CHUNKED] * bb[CHUNKED]
-    extra = int((memory_bytes - need) // mean_cost) if mean_cost else 0
-    return KVCachePlan(global_blocks=one_long[GLOBAL] + extra * mean[GLOBAL],
-                       chunked_blocks=one_long[CHUNKED] + extra * mean[CHUNKED], budget_bytes=memory_bytes, **shape)
+    pools = kv_pools(per, memory_bytes, max_model_len, block_size, mean_sequence_tokens)
+    return KVCachePlan(global_blocks=pools.global_blocks, chunked_blocks=pools.chunked_blocks,
+                       budget_bytes=memory_bytes, **shape)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -72,11 +72,12 @@ def test_kv_counts_chunked_layers_up_to_the_chunk_only(cluster_doc):
     # sequences per node: what the node's GPUs (8, holding one KV head each) hold together, rounded down
     node_budget = p.per_gpu.kv_budget * 8
     assert p.kv.sequences_per_node == int(node_budget // p.kv.sequence_bytes)
-    # longest single sequence: the largest context whose cache fits the node's budget
+    # longest single sequence: the largest context (in whole 16-token blocks) whose cache fits the node's budget
     kvt = kv_bytes_per_token(cfg)
     longest = p.kv.longest_context_per_node
+    assert longest % 16 == 0
     if longest < cfg.max_position_embeddings:
-        assert kvt.sequence_bytes(longest) <= node_budget < kvt.sequence_bytes(longest + 1)
+        assert kvt.sequence_bytes(longest) <= node_budget < kvt.sequence_bytes(longest + 16)
     assert p.kv.sequences_per_replica == p.kv.sequences_per_node
     assert p.warnings[0].startswith("weight_dtype fp8 is planned")
 
@@ -181,3 +182,62 @@ def test_report_text_for_a_plan_that_does_not_fit(cluster_doc):
     assert text.startswith("herd plan: test (c.yaml)\n")
     assert "  routed-expert slice      96.64 GB" in text
     assert text.splitlines()[-5] == "DOES NOT FIT" and text.splitlines()[-4].startswith("  because weights need")
+
+
+def test_paged_capacity_of_maverick_bf16_on_2x8_h100():
+    """The example cluster at a 131,072-token context and a 2,048-token mean: the cache's tokens per replica and the
+    sequences at the mean, counted here block by block from the config's layers and bytes."""
+    from pathlib import Path
+
+    from cluster.schema import load_cluster
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = load_cluster(repo / "infra/clusters/maverick-bf16-2x8.yaml")
+    assert spec.serving.max_context_len == 131072 and spec.serving.mean_sequence_tokens == 2048
+    p = plan(spec)
+    cfg = get_preset("maverick").text_config()
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.attention_chunk_size) == (8, 128, 8192)
+    global_layers = sum(1 for i in range(cfg.num_hidden_layers) if (i + 1) % 4 == 0)  # every 4th layer is NoPE
+    chunked_layers = cfg.num_hidden_layers - global_layers
+    assert (global_layers, chunked_layers) == (12, 36)
+    per_token_layer = 2 * 8 * 128 * 2  # K and V, 8 KV heads of 128, bf16: 4,096 B
+    node_budget = p.per_gpu.kv_budget * 8  # 8 GPUs, one KV head each: the node holds every token once
+    block = 16 * per_token_layer  # one 16-token block of one layer
+    # One whole 131,072-token sequence first: 8,192 global blocks, and one 8,192-token chunk (512 blocks) per
+    # chunked layer; the rest in 2,048-token sequences (128 blocks on every layer).
+    one = 8192 * block * global_layers + 512 * block * chunked_layers
+    mean = 128 * block * (global_layers + chunked_layers)
+    extra = int((node_budget - one) // mean)
+    global_blocks = 8192 + 128 * extra
+    assert p.kv.global_blocks_per_node == global_blocks
+    assert p.kv.cache_tokens_per_replica == 2 * 16 * global_blocks == 2_031_616
+    # Sequences of 2,048 tokens at once: the extra ones, plus what the long sequence's share holds (its 512
+    # chunked blocks hold 4 of them).
+    at_mean = extra + min(8192 // 128, 512 // 128)
+    assert p.kv.mean_sequences_per_replica == 2 * at_mean == 872
+    text = format_plan(p)
+    assert (f"paged in 16-token blocks: {2 * 16 * global_blocks:,} tokens in the cache per replica "
+            f"({16 * global_blocks:,} per node); {2 * at_mean:,} sequences of 2,048 tokens "
+            f"(serving.mean_sequence_tokens) at once per replica ({at_mean:,} per node") in text
+    # The longest single sequence is max_context_len; a node's cache could hold one up to the model's limit.
+    longest = min(1_048_576, 16 * int((node_budget - 512 * block * chunked_layers) // (block * global_layers)))
+    assert p.kv.longest_context_per_node == longest
+    assert (f"longest single sequence 131,072 tokens (serving.max_context_len; the cache could hold one of "
+            f"{longest:,} per node)") in text
+
+
+def test_mean_sequence_tokens_is_checked_and_changes_the_split(cluster_doc):
+    from cluster.schema import ClusterFileError
+
+    doc = dict(preset="maverick", dtype="bf16", count=2, nodes_per_replica=2, max_context_len=131072)
+    short, long_ = _plan(cluster_doc, **doc), _plan(cluster_doc, **doc, mean_sequence_tokens=131072)
+    assert short.kv.mean_sequences_per_replica > 18 * long_.kv.mean_sequences_per_replica  # 872 against 46
+    # Split for full-context sequences, the pools hold as many as the bytes of whole sequences say.
+    assert long_.kv.mean_sequences_per_node == long_.kv.sequences_per_node
+    with pytest.raises(ClusterFileError, match=r"serving.mean_sequence_tokens: 9000 exceeds serving.max_context_len "
+                                               r"8192 .*; lower it or raise max_context_len"):
+        _plan(cluster_doc, preset="maverick", dtype="fp8", mean_sequence_tokens=9000)
+    with pytest.raises(ClusterFileError, match=r"serving.mean_sequence_tokens: .*greater than or equal to 16"):
+        _plan(cluster_doc, preset="maverick", dtype="fp8", mean_sequence_tokens=4)
+    # Unset, it follows a shorter context.
+    assert _plan(cluster_doc, preset="maverick", dtype="fp8", max_context_len=1024).kv.mean_sequence_tokens == 1024
