@@ -62,6 +62,7 @@ class Ingress:
                                    self.args.retry_after_s, self.args.product,
                                    trust_user_field=self.args.trust_user_field)
         self.server.call_model = self._call_model
+        self.server.prefix_cache_per_api_key = self.args.prefix_cache_per_api_key
 
     async def _call_model(self, kind: str, job: dict) -> dict:
         return await self.model.tokenizer_job.remote(job)

@@ -63,6 +63,9 @@ class ServeArgs(BaseModel):
                                                                "counts).")
     app_name: str = Field("herd", min_length=1, description="Serve application name (names the metrics hub).")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 when the queue is full.")
+    prefix_cache_per_api_key: bool = Field(False, description="Share cached prompt blocks only between requests of "
+                                                                "the same API key (a shared prefix cache is a timing "
+                                                                "side channel between tenants).")
     stream_interval_s: float = Field(0.0, ge=0, le=1.0, description="Streaming: send the tokens gathered over this "
                                                                       "long as one chunk (0: every engine step). "
                                                                       "Fewer chunks cost less CPU per token.")

@@ -113,7 +113,7 @@ class ModelServer:
 
         t_arrival = time.time()
         try:
-            deltas = self.engine.add_request(rid, prompt, params)
+            deltas = self.engine.add_request(rid, prompt, params, cache_salt=job.get("cache_salt"))
         except QueueFullError:
             yield {"error": queue_full(self.args.retry_after_s).to_dict()}
             return

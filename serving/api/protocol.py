@@ -57,6 +57,9 @@ class _SamplingFields(_Closed):
     stream: Optional[bool] = Field(False, description="Answer with server-sent events ending in [DONE].")
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = Field(None, max_length=256, description="End-user id, counted (hashed) for the licence.")
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256,
+                                      description="vLLM extension: only requests with the same salt share cached "
+                                                  "prompt blocks (prefix caching).")
     ignore_eos: Optional[bool] = Field(None, description="vLLM extension: keep generating past end-of-turn.")
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0,
                                                description="Lowers a token's logit by this per earlier occurrence.")

@@ -70,6 +70,7 @@ class OpenAIServer:
     # (kind, job) -> the model replica's answer to a tokenizer job (/tokenize, /detokenize); set by the ingress.
     call_model: Callable[[str, dict], Awaitable[dict]] | None = None
     _openapi: dict | None = None
+    prefix_cache_per_api_key = False  # set by the ingress (Serve arg): the key's identity salts every request
 
     def __init__(self, model_name: str, max_model_len: int, generate: Generate,
                  metrics: Callable[[], Awaitable[bytes]], keys: KeyChecker, recorder: Recorder,
@@ -195,6 +196,10 @@ class OpenAIServer:
             raise ApiError(404, f"The model '{req.model[:100]}' does not exist; this server serves "
                                 f"'{self.model_name}' (see GET /v1/models).", param="model", code="model_not_found")
         job: dict[str, Any] = {"request_id": rid, "sampling": P.sampling_fields(req), "stream": bool(req.stream)}
+        if req.cache_salt or (self.prefix_cache_per_api_key and identity):
+            # Only requests with the same salt share cached prompt blocks (serving/engine/kv_cache.py).
+            tenant = f"key:{identity}\n" if self.prefix_cache_per_api_key and identity else ""
+            job["cache_salt"] = tenant + (req.cache_salt or "")
         if kind == "chat":
             job.update(P.check_chat(req))
             job["max_tokens"] = req.max_completion_tokens or req.max_tokens

@@ -78,21 +78,22 @@ class AsyncLLMEngine:
         return self._num_queued + len(self.engine.scheduler.waiting)
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                    sampling_params: SamplingParams | None = None) -> AsyncIterator[RequestDelta]:
+                    sampling_params: SamplingParams | None = None,
+                    cache_salt: str | None = None) -> AsyncIterator[RequestDelta]:
         """Start a request (call it from the event loop); `async for` over the result yields its deltas, the last
         with `finish_reason` set. `prompt` may be a vLLM-style dict with images (`multi_modal_data`). Raises ValueError for bad input and QueueFullError when the waiting queue is
         full, at the call itself.
         """
-        stream = self._submit(request_id, prompt, sampling_params)
+        stream = self._submit(request_id, prompt, sampling_params, cache_salt)
         return self._iterate(request_id, stream)
 
-    def _submit(self, request_id, prompt, params) -> asyncio.Queue:
+    def _submit(self, request_id, prompt, params, cache_salt: str | None = None) -> asyncio.Queue:
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop stopped: {self._dead}")
         if self.num_waiting() >= self.max_waiting_requests:
             raise QueueFullError(f"{self.num_waiting()} requests are waiting (max_waiting_requests="
                                  f"{self.max_waiting_requests}); retry later")
-        req = self.engine.make_request(request_id, prompt, params)
+        req = self.engine.make_request(request_id, prompt, params, cache_salt=cache_salt)
         stream: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
             if request_id in self._streams:
