@@ -66,7 +66,28 @@ class ImageSupport:
 
         if not has_vision_weights(path):
             return None
-        return cls(tokenizer, ImageConfig.from_pretrained(path), load_vision_tower(path, dtype, device, reader))
+        support = cls(tokenizer, ImageConfig.from_pretrained(path), load_vision_tower(path, dtype, device, reader))
+        if torch.device(device).type == "cuda":  # a device short of memory fails now, not under load
+            support.profile_worst_case()
+        return support
+
+    def profile_worst_case(self) -> int:
+        """Run the tower once on the largest image preprocessing can make (a full grid + the global tile) and
+        return the peak bytes it added on a CUDA device (0 elsewhere); the encoder runs one image at a time, so
+        this bounds its activations whatever the images per request."""
+        cfg = self.image_cfg
+        w = next(self.tower.parameters())
+        tiles = torch.zeros(cfg.max_tiles(), 3, cfg.tile_size, cfg.tile_size, dtype=torch.bfloat16, device=w.device)
+        cuda = w.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(w.device)
+            base = torch.cuda.memory_allocated(w.device)
+            torch.cuda.reset_peak_memory_stats(w.device)
+        out = self.tower(tiles)
+        assert out.shape[0] == cfg.max_tiles() * cfg.tokens_per_tile
+        peak = torch.cuda.max_memory_allocated(w.device) - base if cuda else 0
+        log.info("vision tower worst case: %d tiles, %.1f MiB of activations", cfg.max_tiles(), peak / 2**20)
+        return peak
 
     # ---- requests ----------------------------------------------------------------------------------
     def expand(self, ids: list[int], images: list, max_images: int | None = None

@@ -67,3 +67,14 @@ def test_inconsistent_vision_config_is_explained(maverick_tiny):
     config["vision_config"]["intermediate_size"] = 64
     with pytest.raises(ValueError, match=r"intermediate_size \(64\) must equal hidden_size / pixel_shuffle_ratio"):
         VisionConfig.from_dict(config)
+
+
+def test_worst_case_image_runs_through_the_tower(maverick_tiny):
+    """What the engine runs at start on a GPU: the largest image preprocessing makes (16 tiles + global)."""
+    from transformers import AutoTokenizer
+
+    from serving.engine.multimodal import ImageSupport
+
+    support = ImageSupport.from_pretrained(maverick_tiny, AutoTokenizer.from_pretrained(maverick_tiny))
+    assert support.image_cfg.max_tiles() == 17
+    assert support.profile_worst_case() == 0  # bytes are measured on CUDA only
