@@ -182,8 +182,7 @@ def build_app(args: dict):
         if cfg is None:
             raise UserError(f"{a.model}/config.json: cannot read the checkpoint's config; pass a checkpoint folder "
                             "as `model` or set max_model_len")
-        # The checkpoint's own context, so the ingress can report it without loading weights.
-        a = a.model_copy(update={"max_model_len": cfg.max_position_embeddings})
+    a = _fit_max_model_len(a, cfg)
     if a.lora_adapter:
         _check_adapter(a)
     a = _check_licensing(a)
@@ -191,6 +190,33 @@ def build_app(args: dict):
     plain = a.model_dump()
     model = ModelServer.options(**model_deployment_options(a)).bind(plain)
     return Ingress.options(ray_actor_options={"num_cpus": a.ingress_num_cpus}).bind(model, plain, digests)
+
+
+def max_model_len_note(args: dict) -> str | None:
+    """Why build_app(args) serves a shorter max_model_len than the checkpoint's context, or None (for `herd serve`
+    to print)."""
+    a = parse_args(args)
+    cfg = _checkpoint_config(a.model)
+    try:
+        return a.fit_max_model_len(cfg)[1] if cfg is not None else None
+    except ValueError:
+        return None
+
+
+def _fit_max_model_len(a, cfg):
+    """Decide max_model_len before any replica starts (so the ingress reports it without loading weights): what one
+    sequence can hold, never more than the cache; say so when that is below the checkpoint's context."""
+    from common.errors import UserError
+
+    if cfg is None:  # an s3:// model with max_model_len given: the replicas check it
+        return a
+    try:
+        a, note = a.fit_max_model_len(cfg)
+    except ValueError as e:
+        raise UserError(f"serve args: {e}") from None
+    if note:
+        log.warning("%s", note)
+    return a
 
 
 def _check_licensing(a):

@@ -79,6 +79,11 @@ def run_blocking(args: dict, host: str, port: int, ray_address: str = "auto") ->
     from serving.app import build_app
 
     app = build_app(args)  # validates args (and reads the keys file) before Ray starts
+    from serving.app import max_model_len_note
+
+    note = max_model_len_note(args)
+    if note:
+        print(f"herd: {note}", flush=True)
     from serving.usage import licensing_status
 
     print(f"herd: {licensing_status(args.get('licensing_store')).message}", flush=True)

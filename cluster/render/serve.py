@@ -64,6 +64,13 @@ def serve_args(spec: ClusterSpec, absolute_paths: bool = True) -> dict[str, Any]
         # one GPU per expert-parallel worker; a one-GPU replica runs the model inside the replica itself
         args.update({"worker_num_gpus": 1, "worker_num_cpus": 1} if spec.expert_parallel_size > 1
                     else {"replica_num_gpus": 1, "replica_num_cpus": 1})
+        # The planner's per-GPU KV budget, split as it planned: the engine allocates the pools herd plan counted.
+        # (CPU workers share RAM with everything else: there the engine keeps its default, max_num_seqs sequences
+        # of max_model_len tokens.)
+        budget = _kv_budget(spec)
+        if budget > 0:  # else the plan does not fit, and require_servable says why
+            args["kv_cache_memory_bytes"] = budget
+            args["mean_sequence_tokens"] = s.mean_sequence_tokens
     args["product"] = spec.licensing.product
     if s.api_keys_file:
         args["api_keys_file"] = fix(s.api_keys_file)
@@ -98,6 +105,13 @@ def serve_config(spec: ClusterSpec) -> dict[str, Any]:
     }
     validate_serve_config(config)
     return config
+
+
+def _kv_budget(spec: ClusterSpec) -> int:
+    """The plan's KV-cache bytes per GPU, in whole bytes (0 when nothing is left for it)."""
+    from cluster.planner import plan
+
+    return max(0, int(plan(spec).per_gpu.kv_budget))
 
 
 def _absolute(path: str) -> str:

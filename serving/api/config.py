@@ -33,8 +33,19 @@ class ServeArgs(BaseModel):
                                                                     "(1: the model runs inside the replica).")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="Workers per node sharing the dense weights.")
     max_model_len: Optional[int] = Field(None, ge=16, description="Longest sequence (prompt + completion), tokens; "
-                                                                  "default: the checkpoint's.")
-    max_num_seqs: int = Field(8, ge=1, le=65536, description="Sequences one replica runs at once (KV slots).")
+                                                                  "default: the longest one sequence that "
+                                                                  "kv_cache_memory_bytes holds, else 8192; never "
+                                                                  "more than the checkpoint's context.")
+    kv_cache_memory_bytes: Optional[float] = Field(None, gt=0, description="KV-cache memory of each model process "
+                                                                           "(with expert parallelism, each worker: "
+                                                                           "herd plan's per-GPU KV budget). None: "
+                                                                           "the cache holds max_num_seqs sequences "
+                                                                           "of max_model_len tokens.")
+    mean_sequence_tokens: int = Field(2048, ge=1, description="Typical sequence length, tokens: a KV budget is split "
+                                                              "between the global and chunked layers' blocks as "
+                                                              "sequences this long need them.")
+    max_num_seqs: int = Field(8, ge=1, le=65536, description="Sequences one replica runs at once (an upper bound: "
+                                                             "the KV cache's free blocks decide).")
     max_waiting_requests: int = Field(32, ge=1, le=1_000_000, description="Requests a replica queues beyond "
                                                                           "max_num_seqs; more get 503.")
     num_replicas: int = Field(1, ge=1, le=1024, description="Model replicas (whole copies of the model).")
@@ -104,6 +115,49 @@ class ServeArgs(BaseModel):
 
         return ImageLimits(self.max_images_per_request, self.max_image_bytes, self.max_image_pixels,
                            tuple(self.image_url_allowed_hosts), self.image_fetch_timeout_s)
+
+    def fit_max_model_len(self, cfg) -> tuple["ServeArgs", str | None]:
+        """These args with `max_model_len` decided for a checkpoint of `cfg` (a TextConfig), and a note saying why
+        when the default is below the checkpoint's context; ValueError for a max_model_len the cache cannot hold.
+
+        Default: the longest single sequence `kv_cache_memory_bytes` holds (at most the checkpoint's context), else
+        min(context, 8192), since without a budget the engine reserves max_num_seqs x max_model_len tokens (at
+        Scout's 10M-token context not one sequence would allocate). The KV dtype is the served dtype; with
+        `dtype: auto` and no GPU asked for it is taken as float32, which can only lower the default."""
+        from dataclasses import replace
+
+        from llama4.sizing import DEFAULT_BLOCK_SIZE, kv_bytes_per_token, longest_sequence
+        from serving.config import DEFAULT_MAX_MODEL_LEN
+
+        context = cfg.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > context:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the checkpoint's context "
+                             f"(max_position_embeddings {context}); lower max_model_len")
+        if self.kv_cache_memory_bytes is None:
+            if self.max_model_len is not None:
+                return self, None
+            n = min(context, DEFAULT_MAX_MODEL_LEN)
+            why = (f"max_model_len defaults to {n} tokens, below the checkpoint's context ({context}): without "
+                   f"kv_cache_memory_bytes the KV cache is sized as max_num_seqs ({self.max_num_seqs}) x max_model_len tokens; set max_model_len, or "
+                   "kv_cache_memory_bytes to size it from memory")
+            return self.model_copy(update={"max_model_len": n}), (why if n < context else None)
+        gpu = self.device == "cuda" or self.worker_num_gpus > 0 or self.replica_num_gpus > 0
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(self.dtype, "bf16" if gpu else "fp32")
+        full = kv_bytes_per_token(cfg, dtype)
+        tp = self.tensor_parallel_size  # each worker of a node keeps 1/tp of the KV heads
+        per = replace(full, per_layer=full.per_layer / tp)
+        holds = longest_sequence(per, self.kv_cache_memory_bytes, DEFAULT_BLOCK_SIZE, limit=context)
+        budget = f"kv_cache_memory_bytes ({int(self.kv_cache_memory_bytes)}, {dtype} at tensor_parallel_size {tp})"
+        if self.max_model_len is not None:
+            if self.max_model_len > holds:
+                raise ValueError(f"max_model_len ({self.max_model_len}) is longer than one sequence {budget} holds "
+                                 f"({holds} tokens); lower max_model_len to {holds} or raise kv_cache_memory_bytes")
+            return self, None
+        if holds < 16:
+            raise ValueError(f"{budget} holds {holds} tokens of one sequence, fewer than 16; raise it")
+        why = (f"max_model_len defaults to {holds} tokens, below the checkpoint's context ({context}): the longest "
+               f"single sequence {budget} holds; set max_model_len lower, or raise the budget")
+        return self.model_copy(update={"max_model_len": holds}), (why if holds < context else None)
 
     @property
     def model_name(self) -> str:

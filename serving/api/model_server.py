@@ -303,7 +303,8 @@ def _build_engine(a):
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     kwargs = dict(dtype=dtype, device=device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                   expert_parallel_size=a.expert_parallel_size, tensor_parallel_size=a.tensor_parallel_size,
-                  max_waiting_requests=a.max_waiting_requests, lora_adapter=a.lora_adapter)
+                  max_waiting_requests=a.max_waiting_requests, lora_adapter=a.lora_adapter,
+                  kv_cache_memory_bytes=a.kv_cache_memory_bytes, mean_sequence_tokens=a.mean_sequence_tokens)
     if a.expert_parallel_size > 1:
         from ray.util import get_current_placement_group
 

@@ -75,7 +75,8 @@ def test_serve_config_passes_serve_deploy_schema_with_build_app_args(cluster_doc
         "model": "s3://bucket/maverick", "expert_parallel_size": 16, "tensor_parallel_size": 8,
         "max_model_len": 65536, "max_num_seqs": 32, "served_model_name": "llama4-maverick",
         "dtype": "bfloat16", "device": "cuda", "worker_num_gpus": 1, "worker_num_cpus": 1, "product": "llm-api",
-        "api_keys_file": "/etc/herd/keys/keys.yaml", "placement_file": placement}
+        "api_keys_file": "/etc/herd/keys/keys.yaml", "placement_file": placement,
+        "kv_cache_memory_bytes": app["args"]["kv_cache_memory_bytes"], "mean_sequence_tokens": 2048}
     env = app["runtime_env"]["env_vars"]
     assert env == {"HERD_LICENSING_STORE": "./herd-data/licensing"}  # the key itself is never rendered
 
@@ -206,3 +207,28 @@ def test_serve_args_resolve_relative_paths_for_herd_serve(cluster_doc, tmp_path,
     assert args["model"] == str(tmp_path / "ckpt/maverick") and args["api_keys_file"] == str(tmp_path / "keys.yaml")
     assert serve_args(spec, absolute_paths=False)["model"] == "ckpt/maverick"
     assert serve_args(parse_cluster(cluster_doc(count=2, nodes_per_replica=2)))["model"] == "s3://bucket/maverick"
+
+
+def test_serve_args_carry_the_planned_kv_budget_and_the_engine_sizes_the_planned_pools(cluster_doc):
+    """The rendered per-GPU KV budget and mean length give each worker the pools herd plan counted per node, and
+    the Serve args accept the rendered max_model_len against that budget."""
+    import torch
+
+    from cluster.planner import plan
+    from cluster.render.serve import serve_args
+    from cluster.schema import parse_cluster
+    from serving.api.config import parse_args
+    from serving.engine.kv_cache import plan_kv_cache
+
+    spec = parse_cluster(cluster_doc(**BF16_2X8, mean_sequence_tokens=4096))
+    p, args = plan(spec), serve_args(spec)
+    assert args["kv_cache_memory_bytes"] == int(p.per_gpu.kv_budget) and args["mean_sequence_tokens"] == 4096
+    engine = plan_kv_cache(spec.text_config, args["max_model_len"], torch.bfloat16, args["max_num_seqs"],
+                           memory_bytes=args["kv_cache_memory_bytes"], tensor_parallel_size=8,
+                           mean_sequence_tokens=4096)
+    assert (engine.global_blocks, engine.chunked_blocks) == (p.kv.global_blocks_per_node, p.kv.chunked_blocks_per_node)
+    a, note = parse_args(args).fit_max_model_len(spec.text_config)
+    assert a.max_model_len == 65536 and note is None
+    # CPU workers keep the engine's default cache (RAM is shared with everything else).
+    cpu = serve_args(parse_cluster(cluster_doc(preset="maverick-tiny", gpu="cpu", gpus=2)))
+    assert "kv_cache_memory_bytes" not in cpu

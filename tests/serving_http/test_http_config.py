@@ -17,7 +17,8 @@ def test_build_app_args_are_a_closed_schema():
                                         "valid keys in the top level: model, "):
         parse_args({"model": "/ckpt", "max_num_seq": 4})
     with pytest.raises(UserError, match=r"^serve args: max_num_seqs: 0 is not accepted: Input should be greater than "
-                                        r"or equal to 1; set it to sequences one replica runs at once \(KV slots\)$"):
+                                        r"or equal to 1; set it to sequences one replica runs at once \(an upper bound: the KV "
+                                        r"cache's free blocks decide\)$"):
         parse_args({"model": "/ckpt", "max_num_seqs": 0})
     with pytest.raises(UserError, match=r"expert_parallel_size \(3\) must be a multiple of tensor_parallel_size"):
         parse_args({"model": "/ckpt", "expert_parallel_size": 3, "tensor_parallel_size": 2})
