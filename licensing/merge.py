@@ -9,9 +9,12 @@ Merging is max over registers, so the result is the same whatever order replicas
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 
 from licensing import ledger
+
+log = logging.getLogger(__name__)
 
 
 def compact(store, attempts: int = 10) -> dict | None:
@@ -53,7 +56,11 @@ def compact_on_ray(store_uri: str, endpoint_url: str | None = None) -> dict | No
 
 def start_merge_actor(store_uri: str, interval_s: float = 300.0, endpoint_url: str | None = None,
                       name: str = "herd-licensing-merge"):
-    """A detached-style named Ray actor that compacts every `interval_s`; returns its handle."""
+    """A detached, named Ray actor that compacts every `interval_s`; returns its handle.
+
+    Detached: it outlives the driver that started it (stop it with `stop()` then `ray.kill`). Restarted by Ray if
+    its process dies. A failing compaction (store down, a damaged file) is logged and counted (`stats()`), and the
+    loop goes on."""
     import ray
 
     @ray.remote(num_cpus=0.1)
@@ -65,18 +72,32 @@ def start_merge_actor(store_uri: str, interval_s: float = 300.0, endpoint_url: s
 
             self.store = open_store(uri, endpoint)
             self.runs = 0
+            self.errors = 0
             self._stop = threading.Event()
             threading.Thread(target=self._loop, args=(interval,), daemon=True).start()
 
         def _loop(self, interval):
             while not self._stop.wait(interval):
-                self.compact()
+                try:
+                    self.compact()
+                except Exception as e:
+                    log.error("licensing compaction failed (%s: %s); retrying in %.0f s", e.__class__.__name__,
+                              str(e)[:200], interval)
 
         def compact(self):
             self.runs += 1
-            return compact(self.store)
+            try:
+                return compact(self.store)
+            except Exception:
+                self.errors += 1
+                raise
+
+        def stats(self) -> tuple[int, int]:
+            """(compactions tried, of which failed)."""
+            return self.runs, self.errors
 
         def stop(self):
             self._stop.set()
 
-    return MergeActor.options(name=name, get_if_exists=True).remote(store_uri, endpoint_url, interval_s)
+    return MergeActor.options(name=name, get_if_exists=True, lifetime="detached", max_restarts=-1).remote(
+        store_uri, endpoint_url, interval_s)

@@ -60,7 +60,8 @@ class Ingress:
         self.server = OpenAIServer(self.args.model_name, self.args.max_model_len or 0, self._generate,
                                    self._metrics, KeyChecker(key_digests), self.recorder, is_backpressure,
                                    self.args.retry_after_s, self.args.product,
-                                   trust_user_field=self.args.trust_user_field)
+                                   trust_user_field=self.args.trust_user_field,
+                                   metrics_require_key=self.args.metrics_require_key)
         self.server.call_model = self._call_model
         self.server.prefix_cache_per_api_key = self.args.prefix_cache_per_api_key
 

@@ -62,6 +62,8 @@ class ServeArgs(BaseModel):
     worker_num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per expert-parallel worker.")
     ingress_num_cpus: float = Field(0.1, gt=0, le=64, description="CPUs for the HTTP ingress replica.")
     product: str = Field("llm-api", min_length=1, description="Product name requests count under for the licence.")
+    metrics_require_key: bool = Field(False, description="GET /metrics needs a valid API key too (with "
+                                                        "api_keys_file); off: open to any scraper that can reach it.")
     require_licensing: bool = Field(False, description="Refuse to start unless users are counted for the licence "
                                                       "(HERD_LICENSING_KEY set where the server runs).")
     licensing_store: Optional[str] = Field(None, description="Where replicas record users (folder or s3:// URL); "

@@ -4,7 +4,8 @@ How it works across replicas: each model replica keeps its own `ReplicaMetrics` 
 buckets, cheap to update per token) and pushes a snapshot every `PUSH_INTERVAL_S` to one named Ray actor, the
 `MetricsHub` of the application. GET /metrics on any ingress replica asks the hub for the merge and renders it
 with prometheus_client. Counters and histograms are summed over every replica that ever reported (a replica that
-goes away keeps its totals, so counters never go backwards); gauges are summed (requests running/waiting) or
+goes away keeps its totals, folded into the hub's `retired` totals once it is forgotten, so counters never go
+backwards); gauges are summed (requests running/waiting) or
 averaged (KV-cache usage) over replicas that reported in the last `STALE_AFTER_S`.
 
 Why not Ray's own metrics (ray.util.metrics): they are exported per node by Ray's metrics agent on ports a scraper
@@ -18,6 +19,7 @@ import time
 
 PUSH_INTERVAL_S = 0.5
 STALE_AFTER_S = 10.0
+FORGET_AFTER_S = 300.0  # a replica silent this long is gone: its totals fold into `retired`, its entry is dropped
 # A model replica whose engine loop has not gone round for this long is stalled (a step takes ms to seconds).
 HEARTBEAT_STALE_S = 120.0
 
@@ -40,11 +42,15 @@ COUNTERS = {
     "herd:generation_tokens": "Tokens generated.",
     "herd:request_success": "Finished requests, by finish reason (stop, length, abort, error).",
     "herd:expert_routed_tokens": "Tokens the router sent to each routed expert, by MoE layer and expert.",
+    "herd:prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+    "herd:prefix_cache_hits": "Prompt tokens found in the prefix cache (served from cached KV blocks, not computed).",
+    "herd:num_preemptions": "Running sequences preempted for KV-cache blocks (freed, recomputed later).",
 }
 GAUGES = {
     "herd:num_requests_running": "Requests in the engine's running batch.",
     "herd:num_requests_waiting": "Requests waiting for a slot.",
-    "herd:kv_cache_usage_perc": "Fraction of KV-cache slots in use (1 = full), averaged over replicas.",
+    "herd:kv_cache_usage_perc": "Fraction of KV-cache blocks in use (1 = full; the fuller of the global and chunked "
+                                "layers' pools), averaged over replicas.",
     "herd:num_replicas": "Model replicas that reported in the last few seconds.",
 }
 _AVERAGED_GAUGES = {"herd:kv_cache_usage_perc"}
@@ -69,6 +75,10 @@ class ReplicaMetrics:
         counts[bisect.bisect_left(buckets, seconds)] += 1
         total[0] += seconds
 
+    def set_counter(self, name: str, total: float, *labels: str) -> None:
+        """A counter the engine keeps itself (cumulative since the replica started)."""
+        self.counters[(name, *labels)] = float(total)
+
     def set_expert_counts(self, counts_LE) -> None:
         """The engine's cumulative routed-token counts, [num MoE layers, num experts]."""
         for layer, row in enumerate(counts_LE):
@@ -81,13 +91,17 @@ class ReplicaMetrics:
                 "hists": {n: (list(c), s[0]) for n, (c, s) in self.hists.items()}, "health": health}
 
 
-def merge(snapshots: dict[str, tuple[float, dict]], now: float) -> dict:
-    """Sum replica snapshots ({replica: (reported_at, snapshot)}) as the module docstring says."""
+def merge(snapshots: dict[str, tuple[float, dict]], now: float, retired: dict | None = None) -> dict:
+    """Sum replica snapshots ({replica: (reported_at, snapshot)}) as the module docstring says; `retired` holds
+    the counter and histogram totals of replicas the hub has forgotten."""
     counters: dict[tuple, float] = {}
     hists: dict[str, tuple[list[int], float]] = {}
     gauges: dict[str, float] = {}
     fresh = 0
-    for reported_at, snap in snapshots.values():
+    entries = list(snapshots.values())
+    if retired:
+        entries.append((float("-inf"), {"counters": retired["counters"], "hists": retired["hists"], "gauges": {}}))
+    for reported_at, snap in entries:
         for key, v in snap["counters"].items():
             counters[key] = counters.get(key, 0.0) + v
         for name, (counts, total) in snap["hists"].items():
@@ -142,20 +156,38 @@ def render(merged: dict, model_name: str) -> bytes:
 
 
 class MetricsHub:
-    """The application's metrics meeting point (a named Ray actor): replicas report, ingresses collect."""
+    """The application's metrics meeting point (a named Ray actor): replicas report, ingresses collect.
 
-    def __init__(self):
+    A replica that has not reported for FORGET_AFTER_S is forgotten: its counters and histograms fold into
+    `retired` (so totals never go back) and its entry goes, so the hub's memory follows the live replicas, not
+    every replica that ever ran. The actor is restarted if its process dies; it then starts empty and the replicas'
+    next pushes (cumulative snapshots) restore the live totals within a push interval."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
         self.snapshots: dict[str, tuple[float, dict]] = {}
+        self.retired: dict = {"counters": {}, "hists": {}}
 
     def report(self, replica_id: str, snapshot: dict) -> None:
-        self.snapshots[replica_id] = (time.time(), snapshot)
+        now = self.clock()
+        self.snapshots[replica_id] = (now, snapshot)
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        gone = [r for r, (at, _) in self.snapshots.items() if now - at > FORGET_AFTER_S]
+        if not gone:
+            return
+        folded = merge({r: self.snapshots.pop(r) for r in gone}, now, self.retired)
+        self.retired = {"counters": folded["counters"], "hists": folded["hists"]}
 
     def collect(self) -> dict:
-        return merge(self.snapshots, time.time())
+        now = self.clock()
+        self._forget(now)
+        return merge(self.snapshots, now, self.retired)
 
     def health(self) -> dict:
         """The model replicas' state from their last reports (no generation): see `replica_health`."""
-        return replica_health(self.snapshots, time.time())
+        return replica_health(self.snapshots, self.clock())
 
 
 def replica_health(snapshots: dict[str, tuple[float, dict]], now: float) -> dict:
@@ -180,4 +212,5 @@ def hub_handle(app_name: str):
 
     return ray.remote(num_cpus=0)(MetricsHub).options(
         name=f"herd-metrics-{app_name}", namespace="herd", get_if_exists=True, lifetime="detached",
+        max_restarts=-1, max_task_retries=-1,  # a dead hub comes back; the handles replicas hold keep working
     ).remote()

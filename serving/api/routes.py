@@ -75,7 +75,7 @@ class OpenAIServer:
     def __init__(self, model_name: str, max_model_len: int, generate: Generate,
                  metrics: Callable[[], Awaitable[bytes]], keys: KeyChecker, recorder: Recorder,
                  is_backpressure: Callable[[BaseException], bool] = lambda e: False, retry_after_s: int = 1,
-                 product: str = "llm-api", trust_user_field: bool | None = None):
+                 product: str = "llm-api", trust_user_field: bool | None = None, metrics_require_key: bool = False):
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.generate = generate
@@ -85,6 +85,7 @@ class OpenAIServer:
         self.is_backpressure = is_backpressure
         self.retry_after_s = retry_after_s
         self.product = product
+        self.metrics_require_key = metrics_require_key  # /metrics answers only with a valid key (when keys are set)
         # Whether the body's `user` / X-User-Id count (serving/usage.py); default: only when there are no API keys.
         self.trust_user_field = (not keys.enabled) if trust_user_field is None else trust_user_field
         self.created = int(time.time())
@@ -102,6 +103,11 @@ class OpenAIServer:
     async def metrics(self, request):
         from fastapi.responses import Response
 
+        if self.metrics_require_key:
+            try:
+                self.keys.identity(request.headers.get("authorization"))
+            except ApiError as e:
+                return error_response(e)
         return Response(await self.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def openapi(self):

@@ -24,7 +24,6 @@ def _snap(n_success: float, running: float = 1.0) -> dict:
     return m.snapshot()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 15: the hub remembers every replica forever")
 def test_the_hub_forgets_gone_replicas_but_keeps_their_counts():
     from serving.api.metrics import FORGET_AFTER_S, MetricsHub
 
@@ -40,7 +39,6 @@ def test_the_hub_forgets_gone_replicas_but_keeps_their_counts():
     assert merged["gauges"]["herd:num_replicas"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 15: the hub is not restarted")
 def test_a_killed_hub_is_restarted(ray_cluster):
     import ray
 
@@ -62,7 +60,6 @@ def test_a_killed_hub_is_restarted(ray_cluster):
     ray.kill(hub, no_restart=True)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 15: the merge loop dies on its first exception")
 def test_the_merge_loop_outlives_a_failing_compaction(ray_cluster, tmp_path):
     import ray
 
@@ -84,7 +81,6 @@ def test_the_merge_loop_outlives_a_failing_compaction(ray_cluster, tmp_path):
         ray.kill(actor)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 15: /metrics has no auth option")
 def test_metrics_can_require_a_key():
     from serving.api.auth import KeyChecker, digest
     from serving.api.routes import OpenAIServer
