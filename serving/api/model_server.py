@@ -235,6 +235,10 @@ class ModelServer:
                     "herd:num_requests_waiting": float(stats.num_waiting),
                     "herd:kv_cache_usage_perc": float(stats.kv_cache_usage),
                 })
+                for name, total in (("herd:prefix_cache_queries", stats.prefix_cache_queries),
+                                    ("herd:prefix_cache_hits", stats.prefix_cache_hits),
+                                    ("herd:num_preemptions", stats.num_preemptions)):
+                    self.metrics.set_counter(name, total)
                 # With expert parallelism the counts come from the workers (a blocking Ray call that may wait
                 # for a step): fetch them in a thread, one fetch at a time, never on this event loop.
                 if experts is not None and experts.done():

@@ -64,3 +64,24 @@ def test_metrics_merge_sums_replicas_keeps_counters_drops_stale_gauges():
     assert 'herd:request_success_total{finished_reason="stop",model_name="scout"} 2.0' in text
     assert 'herd:time_to_first_token_seconds_bucket{le="0.005",model_name="scout"} 2.0' in text
     assert 'herd:time_to_first_token_seconds_bucket{le="0.001",model_name="scout"} 0.0' in text
+
+
+def test_engine_counters_are_totals_summed_over_replicas():
+    """Prefix-cache and preemption counters are the engine's own totals: set, not added, per push; summed over
+    replicas (a replica gone stale still counts)."""
+    a, b = ReplicaMetrics(), ReplicaMetrics()
+    for m, (queries, hits, preempted) in ((a, (100, 48, 1)), (b, (40, 16, 0))):
+        for _ in range(2):  # pushed twice: the same totals
+            m.set_counter("herd:prefix_cache_queries", queries)
+            m.set_counter("herd:prefix_cache_hits", hits)
+            m.set_counter("herd:num_preemptions", preempted)
+    now = 1000.0
+    text = render(merge({"a": (now, a.snapshot()), "b": (now - STALE_AFTER_S - 1, b.snapshot())}, now),
+                  "scout").decode()
+    assert 'herd:prefix_cache_queries_total{model_name="scout"} 140.0' in text
+    assert 'herd:prefix_cache_hits_total{model_name="scout"} 64.0' in text
+    assert 'herd:num_preemptions_total{model_name="scout"} 1.0' in text
+    assert "# TYPE herd:num_preemptions_total counter" in text or "# TYPE herd:num_preemptions counter" in text
+    assert "# HELP herd:kv_cache_usage_perc Fraction of KV-cache blocks in use" in text
+    # Before any engine reports, the counters read 0, as vLLM's do.
+    assert 'herd:prefix_cache_hits_total{model_name="scout"} 0.0' in render(merge({}, now), "scout").decode()

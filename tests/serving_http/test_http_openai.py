@@ -205,6 +205,32 @@ def _assert_eq(a, b):
     assert a == b, (a, b)
 
 
+def test_prefix_cache_and_preemption_counters_summed_over_replicas(server):
+    """vLLM's prefix-cache and preemption counters from the engines' stats: three requests with one prompt over
+    two replicas, so one replica serves it twice and finds its full blocks cached."""
+    time.sleep(1.0)  # earlier tests' work settles into the counters
+    before = _metrics(server)
+    assert "# HELP herd:kv_cache_usage_perc Fraction of KV-cache blocks in use" in before
+    prompt = "The herd of llamas walked slowly over the green hill towards the old stone farm where the farmer waited"
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    answers = [client.completions.create(model="scout-tiny", prompt=prompt, max_tokens=2, temperature=0.0)
+               for _ in range(3)]
+    pt = answers[0].usage.prompt_tokens
+    assert 17 <= pt <= MAX_MODEL_LEN - 2  # at least one full 16-token block to share
+
+    def delta(t, name):
+        return metric_value(t, name) - metric_value(before, name)
+
+    def check(t):
+        assert delta(t, "herd:prefix_cache_queries_total") == 3 * pt
+        hits = delta(t, "herd:prefix_cache_hits_total")
+        # Hits are whole blocks short of the prompt's last token, on at least one of the later two requests.
+        assert hits > 0 and hits % 16 == 0 and hits <= 2 * ((pt - 1) // 16 * 16), hits
+        assert delta(t, "herd:num_preemptions_total") == 0
+
+    _wait_metrics(server, check)
+
+
 def test_client_disconnect_aborts_sequence(server):
     def aborts(t):
         try:
