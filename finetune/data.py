@@ -152,7 +152,13 @@ class Example:
 
 def worker_share(rows: list[dict], rank: int, world: int) -> list[Example]:
     """This rank's examples: the global order is by content key; every rank gets the same count."""
-    rows = sorted(rows, key=lambda r: (r["key"], list(r["input_ids"])))
+    # An example cut by sequence_length before its first assistant token has no labelled token: its loss would be
+    # 0/0 (NaN) and poison the step. Every rank drops the same ones (same rows), so shares stay equal.
+    labelled = [r for r in rows if any(int(x) != IGNORE for x in r["labels"])]
+    if rows and not labelled:
+        raise ValueError(f"all {len(rows)} examples were cut by training.sequence_length before their first "
+                         "assistant token; raise training.sequence_length or shorten the prompts")
+    rows = sorted(labelled, key=lambda r: (r["key"], list(r["input_ids"])))
     per_rank = len(rows) // world
     if per_rank == 0:
         raise ValueError(f"the dataset has {len(rows)} examples, fewer than the {world} workers; "

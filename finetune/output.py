@@ -58,7 +58,7 @@ def write_outputs(job, checkpoint_dir: str | Path) -> str:
     """Build the output folder from the final checkpoint and copy it to the run's storage; returns its URI."""
     from licensing import write_notice
 
-    from finetune.storage import upload_dir
+    from finetune.storage import publish_dir
 
     ckpt = Path(checkpoint_dir)
     progress = Progress.from_json((ckpt / "progress.json").read_text())
@@ -69,5 +69,5 @@ def write_outputs(job, checkpoint_dir: str | Path) -> str:
         (out / "metrics.json").write_text(json.dumps(metrics_document(job, progress), indent=1) + "\n")
         plot_loss(progress, out / "loss.png", f"{job.adapter.name} ({job.name})")
         uri = job.run_path + "/output"
-        upload_dir(out, uri, job.s3)
+        publish_dir(out, uri, job.s3)  # whole or not at all: never a half-written adapter
     return uri

@@ -76,6 +76,48 @@ def upload_dir(local: str | Path, uri: str, s3: S3Settings) -> None:
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+# Written last when publishing: a reader that finds these finds everything else already there.
+_COMMIT_FILES = ("adapter_config.json", "metrics.json")
+
+
+def publish_dir(local: str | Path, uri: str, s3: S3Settings) -> None:
+    """Copy a local folder to `uri` so that readers see the old folder, nothing, or the whole new one: never a part.
+
+    Everything is first written under a temporary name next to `uri`. A local folder is then renamed into place.
+    On S3, which cannot rename, each object is copied server-side to its final key (each copy atomic), the files
+    readers start from (adapter_config.json, metrics.json) last, and the temporary objects are deleted."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, s3)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    fs.create_dir(tmp, recursive=True)
+    try:
+        pafs.copy_files(str(local), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        if is_s3(uri):
+            _publish_s3(fs, tmp, path)
+        else:
+            old = f"{path}.old-{uuid.uuid4().hex[:12]}"
+            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                fs.move(path, old)
+            fs.move(tmp, path)
+            if fs.get_file_info(old).type != pafs.FileType.NotFound:
+                fs.delete_dir(old)
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_dir(tmp)
+
+
+def _publish_s3(fs, tmp: str, path: str) -> None:
+    import pyarrow.fs as pafs
+
+    files = [f.path for f in fs.get_file_info(pafs.FileSelector(tmp, recursive=True)) if f.type == pafs.FileType.File]
+    files.sort(key=lambda f: (f.rsplit("/", 1)[-1] in _COMMIT_FILES, f))
+    for f in files:
+        fs.copy_file(f, path + f[len(tmp):])
+
+
 def fetch_dir(uri: str, s3: S3Settings, names: tuple[str, ...] | None = None,
               cache_root: str | Path | None = None) -> Path:
     """A local folder holding `uri`'s files: the folder itself when local, else a per-node cached download.

@@ -15,7 +15,6 @@ def _row(ids, labels, key):
     return {"input_ids": ids, "labels": labels, "key": key}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 16: an all-ignored example makes a NaN loss")
 def test_an_example_without_labelled_tokens_is_dropped_and_the_loss_is_finite():
     rows = [_row([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4], "a"),
             _row([5, 6, 7, 8], [IGNORE] * 4, "b"),  # its reply was cut off by sequence_length
@@ -30,13 +29,11 @@ def test_an_example_without_labelled_tokens_is_dropped_and_the_loss_is_finite():
         assert math.isfinite(loss.item())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 16: an all-ignored example makes a NaN loss")
 def test_every_example_truncated_before_its_reply_is_a_clear_error():
     with pytest.raises(ValueError, match="sequence_length"):
         worker_share([_row([1, 2], [IGNORE, IGNORE], "a")], 0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 16: outputs are uploaded in place")
 def test_outputs_are_published_whole_or_not_at_all(tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
@@ -75,3 +72,27 @@ def test_outputs_are_published_whole_or_not_at_all(tmp_path, monkeypatch):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
     assert sorted(p.name for p in out.parent.iterdir()) == ["output"]  # no temporary names left behind
+
+
+def test_outputs_published_to_s3_leave_no_temporary_objects(tmp_path, s3_bucket):
+    import boto3
+
+    from finetune.checkpointing import Progress
+    from finetune.output import write_outputs
+    from finetune.schema import parse_job
+    from ft_helpers import job_dict
+
+    endpoint, bucket = s3_bucket
+    job = parse_job(job_dict("atomic-s3", str(tmp_path / "base"), str(tmp_path / "d.jsonl"), f"s3://{bucket}/runs",
+                             endpoint=endpoint))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "adapter").mkdir(parents=True)
+    (ckpt / "adapter" / "adapter_config.json").write_text("{}")
+    (ckpt / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (ckpt / "progress.json").write_text(Progress(step=1, history=[{"step": 1, "loss": 2.0}]).to_json())
+    write_outputs(job, ckpt)
+    keys = sorted(o["Key"] for o in boto3.client("s3", endpoint_url=endpoint)
+                  .list_objects_v2(Bucket=bucket)["Contents"] if not o["Key"].endswith("/"))  # pyarrow's folder markers
+    assert keys == ["runs/atomic-s3/output/adapter/NOTICE", "runs/atomic-s3/output/adapter/adapter_config.json",
+                    "runs/atomic-s3/output/adapter/adapter_model.safetensors", "runs/atomic-s3/output/loss.png",
+                    "runs/atomic-s3/output/metrics.json"], keys
