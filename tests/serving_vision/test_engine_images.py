@@ -3,9 +3,9 @@
 The reference calls transformers' modules as `Llama4ForConditionalGeneration.forward` does (its forward fails at
 its return in transformers 5.24): image features -> multi_modal_projector -> scattered over the prompt's <|patch|>
 embeddings -> the language model, greedy by uncached argmax. Both sides get the same pixel_values and prompt ids.
-herd's side goes through the engine's public API only: greedy tokens, and the fp32 logits compared as their
-log-softmax (engine logprobs: the chosen token and the top 20 at every prompt position and generated token, the
-normaliser included) within 1e-4.
+herd's side: the engine's public API (greedy tokens, and log-probabilities: the chosen token and the top 20 at
+every prompt position and generated token, within 1e-4), and the model itself driven piece by piece with the
+executor's fusion (raw fp32 logits of every prompt position within 1e-4).
 """
 from __future__ import annotations
 
@@ -130,6 +130,42 @@ def test_image_request_equals_transformers(case, engine, ref_model):
     scored = run(engine, prompt, prompt_logprobs=20)
     assert scored.outputs[0].token_ids == expected_tokens
     assert assert_logprobs_match(scored.prompt_logprobs[1:], expected[: len(ids) - 1]) >= 20 * (len(ids) - 1)
+
+
+@pytest.mark.parametrize("piece", [32, 7])
+def test_raw_fp32_logits_within_1e4(piece, engine, ref_model, maverick_tiny):
+    """The model itself, driven piece by piece (32: at chunk boundaries; 7: cutting the patch runs), with each
+    piece's image rows fused exactly as the executor fuses them: every prompt position's logits."""
+    from herd_testing import SlotTables
+
+    from serving.engine.executor import SeqChunk
+    from serving.engine.multimodal import attach_image_embeds
+    from serving.loader import load_model
+
+    prompt = CASES["two_images"](engine)
+    ids, pixels, req = prepared(engine, prompt)
+    model = load_model(maverick_tiny, "float32")
+    tables, chunk = SlotTables(model, 1, len(ids)), model.cfg.attention_chunk_size
+    out, pos = [], 0
+    while pos < len(ids):
+        end = min((pos // chunk + 1) * chunk, len(ids), pos + piece)
+        c = SeqChunk(0, ids[pos:end], pos, True)
+        c.mm_embeds = engine.image_support.chunk_embeds(req.images, pos, end - pos)
+        batch = tables.batch([(0, c.token_ids, pos, True)])
+        batch.logits_idx_N = torch.arange(end - pos)
+        attach_image_embeds(batch, [c])
+        out.append(model(batch))
+        pos = end
+    embed = ref_model.get_input_embeddings()
+    with torch.no_grad():
+        x = embed(torch.tensor([ids]))
+        feats = ref_model.get_image_features(pixel_values=torch.cat(pixels).float()).last_hidden_state
+        x = x.masked_scatter((torch.tensor([ids]) == ref_model.config.image_token_id)[..., None],
+                             ref_model.multi_modal_projector(feats.reshape(-1, feats.shape[-1])))
+        expected = ref_model.language_model(inputs_embeds=x, use_cache=False).logits[0]
+    got = torch.cat(out)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < TOL
 
 
 def test_image_embeddings_change_the_answer(engine):
