@@ -66,6 +66,10 @@ class ImageSupport:
 
         if not has_vision_weights(path):
             return None
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            # An expert-parallel replica process may hold no GPU (its workers do): the tower runs on its CPU.
+            log.warning("no CUDA device in the engine's process: the vision tower runs on the CPU")
+            device = "cpu"
         support = cls(tokenizer, ImageConfig.from_pretrained(path), load_vision_tower(path, dtype, device, reader))
         if torch.device(device).type == "cuda":  # a device short of memory fails now, not under load
             support.profile_worst_case()

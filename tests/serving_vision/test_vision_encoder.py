@@ -78,3 +78,15 @@ def test_worst_case_image_runs_through_the_tower(maverick_tiny):
     support = ImageSupport.from_pretrained(maverick_tiny, AutoTokenizer.from_pretrained(maverick_tiny))
     assert support.image_cfg.max_tiles() == 17
     assert support.profile_worst_case() == 0  # bytes are measured on CUDA only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a process without a GPU")
+def test_tower_falls_back_to_cpu_without_a_gpu(maverick_tiny):
+    """An expert-parallel replica asks for the tower on "cuda" but holds no GPU itself (its workers do)."""
+    from transformers import AutoTokenizer
+
+    from serving.engine.multimodal import ImageSupport
+
+    support = ImageSupport.from_pretrained(maverick_tiny, AutoTokenizer.from_pretrained(maverick_tiny),
+                                           device="cuda")
+    assert next(support.tower.parameters()).device.type == "cpu"
