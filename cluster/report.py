@@ -41,8 +41,8 @@ def format_plan(p: Plan, source: str | None = None) -> str:
         f"{kv.mean_sequence_tokens:,} tokens (serving.mean_sequence_tokens) at once per replica "
         f"({kv.mean_sequences_per_node:,} per node, {kv.mean_sequences_total:,} in the cluster)",
         f"           longest single sequence {lay['max_context_len']:,} tokens (serving.max_context_len; the cache "
-        f"could hold one of {kv.longest_context_per_node:,} per node); {kv.sequences_per_node} sequences that long "
-        f"per node, {kv.sequences_per_replica} per replica, {kv.sequences_total} in the cluster when "
+        f"could hold one of {kv.longest_context_per_node:,} per node); {kv.sequences_per_node:,} sequences that long "
+        f"per node, {kv.sequences_per_replica:,} per replica, {kv.sequences_total:,} in the cluster when "
         "serving.mean_sequence_tokens is that long",
     ]
     lines += _placement_lines(p)
