@@ -28,7 +28,17 @@ def worker_env(job) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     if "HERD_CACHE_DIR" in os.environ:  # herd's cache root (serving/expert_parallel/s3.py cache_root)
         env["HERD_CACHE_DIR"] = os.environ["HERD_CACHE_DIR"]
+    from finetune.storage import Credentials
+
+    # AWS credentials go to the workers in their runtime environment (held by Ray's GCS for the run's lifetime),
+    # never in train_loop_config: Ray Train stores that with the run and shows it in its dashboard.
+    env.update(Credentials.from_env())
     return env
+
+
+def loop_config(job) -> dict:
+    """What every training worker receives as `config`: the job, and nothing secret."""
+    return {"job": job.model_dump(mode="json")}
 
 
 def _trainer_class():
@@ -59,7 +69,7 @@ def build_trainer(job):
     import ray.train
 
     from finetune.data import tokenized_dataset
-    from finetune.storage import Credentials, filesystem
+    from finetune.storage import filesystem
     from finetune.train_loop import train_loop_per_worker
 
     import ray.data
@@ -70,8 +80,7 @@ def build_trainer(job):
     res = job.resources
     return _trainer_class()(
         train_loop_per_worker,
-        # Credentials go pickled in the loop config (not the runtime env, which Ray shows in its dashboard).
-        train_loop_config={"job": job.model_dump(mode="json"), "credentials": Credentials.from_env()},
+        train_loop_config=loop_config(job),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker}

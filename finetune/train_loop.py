@@ -123,7 +123,7 @@ def _optimizer_step(engine, order: BatchOrder, step: int, accumulation: int, pad
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point; `config` = {"job": the job as a dict, "credentials": storage.Credentials}."""
+    """Ray Train entry point; `config` = job.loop_config(job) (AWS credentials come in the workers' environment)."""
     import torch
 
     torch.set_num_threads(1)  # more threads per worker ran slower on shared small machines
@@ -135,7 +135,6 @@ def train_loop_per_worker(config: dict) -> None:
     from finetune.schema import Job
     from finetune.storage import fetch_dir
 
-    config["credentials"].apply()
     job = Job.model_validate(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

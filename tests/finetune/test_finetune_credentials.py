@@ -9,7 +9,6 @@ import pytest
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 10: credentials travel in train_loop_config")
 def test_credentials_travel_in_the_workers_environment_only(tmp_path, monkeypatch):
     from finetune.job import loop_config, worker_env
     from finetune.schema import parse_job
