@@ -6,7 +6,8 @@ accumulated since the last one (`take`), as plain lists and dicts that cross a S
   - `logprobs`: positions `[token, logprob, [[token, logprob], ...top-k by rank]]` (raw model distribution);
   - `prompt_logprobs` (first item, completions with echo + logprobs): the same per prompt token, the first
     `[token, None, None]`; `prompt_text` (first item, echo): the prompt as text;
-  - `tool_calls` (last item): OpenAI `tool_calls`, and `finish_reason` "tool_calls" when there are any.
+  - `tool_calls` (last item): OpenAI `tool_calls` (only the first with `parallel_tool_calls: false`), and
+    `finish_reason` "tool_calls" when there are any.
 `chat_prompt_ids` renders a conversation (with tools) through the checkpoint's own chat template.
 """
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Answer:
             from serving.api.tools import ToolStreamParser
 
             self.parser = ToolStreamParser(tokenizer, set(job["tool_names"]))
+        self.one_call = not job.get("parallel_tool_calls", True)
         self.first: dict = {}
         if job.get("echo"):
             prompt = job.get("prompt")
@@ -93,6 +95,7 @@ class Answer:
         if finish_reason is not None and self.parser is not None:
             rest, calls = self.parser.finish()
             item["text"] += rest
+            calls = calls[:1] if self.one_call else calls  # parallel_tool_calls=false: the first call only
             if calls:
                 item["tool_calls"] = [c.openai() for c in calls]
                 if finish_reason == "stop":

@@ -168,7 +168,8 @@ def check_chat(req: ChatCompletionRequest) -> dict[str, Any]:
             names = list(tools) if choice == "required" else [choice]
             structured = {"json": _call_schema(tools, names)}
     return {"messages": _messages(req.messages), "tools": [tools[n] for n in tools] if tool_names else None,
-            "tool_names": sorted(tool_names) if tool_names else None, "structured": structured}
+            "tool_names": sorted(tool_names) if tool_names else None, "structured": structured,
+            "parallel_tool_calls": req.parallel_tool_calls is not False}
 
 
 def _check_tools(tools: Optional[list[dict[str, Any]]]) -> dict[str, dict]:
