@@ -295,11 +295,11 @@ class KVCacheManager:
             self.prefix_queries += len(token_ids)
             self.prefix_hits += hit_tokens
         s = SeqBlocks(node, extra, keys=keys, chunk_start=chunk_start)
-        for i in range(hit):
+        for i in range(hit if self.plan.global_layers else 0):
             b = pools[GLOBAL].lookup(keys[i])
             pools[GLOBAL].share(b)
             s.global_blocks.append(b)
-        for i in range(first_chunked, hit):
+        for i in range(first_chunked, hit if self.plan.chunked_layers else first_chunked):
             b = pools[CHUNKED].lookup(keys[i])
             pools[CHUNKED].share(b)
             s.chunked_blocks.append(b)
