@@ -109,6 +109,9 @@ def preflight(job) -> None:
                            "missing); point it at a Llama 4 checkpoint folder")
     if not exists(job.dataset.path, job.s3):
         raise JobFileError(f"dataset.path: {job.dataset.path}{where} does not exist; fix the path or upload the data")
+    from finetune.checkpointing import check_resume
+
+    check_resume(job)  # a resubmitted run must keep its checkpoints' settings (read before anything is unpickled)
 
 
 def run(job) -> str:

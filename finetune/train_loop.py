@@ -10,7 +10,7 @@ import math
 import os
 import time
 
-from finetune.checkpointing import Progress, restore, save
+from finetune.checkpointing import Progress, restore, save, settings_document
 from finetune.data import BatchOrder, collate, pack, worker_share
 
 
@@ -155,7 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[finetune] {trainable_summary(model)}; {n_rows} examples, {world} workers, "
               f"ZeRO-{job.deepspeed.zero_stage}, {total} steps", flush=True)
     engine, scheduler = _engine(job, model, total)
-    progress = restore(engine) or Progress()
+    settings = settings_document(job)
+    progress = restore(engine, settings) or Progress()
     progress.loaded_param_share = share
     if rank == 0 and progress.resumed_at:
         print(f"[finetune] resumed from the checkpoint at step {progress.step}", flush=True)
@@ -183,5 +184,5 @@ def train_loop_per_worker(config: dict) -> None:
             progress.peak_rss_mb = [max(a, b) for a, b in zip(peak, progress.peak_rss_mb or peak)]
             progress.end_rss_mb = now
             save(engine, model, progress, {"step": progress.step, "loss": mean_loss}, rank,
-                 job.deepspeed.zero_stage)
+                 job.deepspeed.zero_stage, settings)
     del zero3_init  # kept alive until here: transformers reads the ZeRO-3 switch through a weak reference

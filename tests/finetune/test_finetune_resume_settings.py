@@ -26,7 +26,6 @@ def _checkpoint_of(tmp_path, job, step: int = 6):
     return ckpt
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 9: resume does not check settings")
 def test_changed_settings_are_refused_with_the_differences(tmp_path):
     from finetune.checkpointing import check_resume
     from finetune.schema import JobFileError
@@ -41,7 +40,6 @@ def test_changed_settings_are_refused_with_the_differences(tmp_path):
     assert "checkpoint_step0000006" in msg and "name" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 9: resume does not check settings")
 def test_same_settings_or_more_steps_resume(tmp_path):
     from finetune.checkpointing import check_resume
 
