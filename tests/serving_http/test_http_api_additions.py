@@ -89,7 +89,9 @@ def test_chat_top_logprobs_equal_transformers_streamed_too(client, logp):
         ids.append(top.indices[0].item())
     chunks = list(client.chat.completions.create(stream=True, **kw))
     streamed = [c for ch in chunks for c in (ch.choices[0].logprobs.content if ch.choices[0].logprobs else [])]
-    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    # same tokens; values within fp32 noise (the repeat may reuse the first request's cached prefix)
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-5)
 
 
 def test_completion_echo_logprobs_equal_transformers(client, logp):
