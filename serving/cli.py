@@ -52,7 +52,19 @@ def serve_command(
                  "lora_adapter": str(lora_adapter.resolve()) if lora_adapter else None,
                  "trust_user_field": trust_user_field, "require_licensing": require_licensing or None}
     args.update({k: v for k, v in overrides.items() if v is not None})
+    warning = exposure_warning(host, args.get("api_keys_file"))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     run_blocking(args, host, port or default_port, ray_address)
+
+
+def exposure_warning(host: str, api_keys_file: str | None) -> str | None:
+    """A loud line when the server would listen beyond this machine with no API keys (None otherwise)."""
+    if api_keys_file or host in ("localhost", "::1") or host.startswith("127."):
+        return None
+    return (f"herd: WARNING: listening on {host}, reachable from other machines, with no API keys: anyone who can "
+            "reach this port can use the model and name any user for the licence count. Pass --api-keys-file, or "
+            "keep --host 127.0.0.1 behind your own authenticating proxy.")
 
 
 def _args_for(target: str) -> tuple[dict, int]:

@@ -10,7 +10,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 17")
 @pytest.mark.parametrize("host,keys,warned", [("0.0.0.0", None, True), ("10.1.2.3", None, True),
                                               ("::", None, True), ("0.0.0.0", "keys.yaml", False),
                                               ("127.0.0.1", None, False), ("localhost", None, False),
@@ -24,7 +23,6 @@ def test_exposure_warning(host, keys, warned):
         assert "WARNING" in line and "--api-keys-file" in line and host in line
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 17")
 def test_herd_serve_on_every_interface_without_keys_warns_first(scout_tiny, tmp_path):
     import os
     import signal
