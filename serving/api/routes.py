@@ -24,7 +24,8 @@ from serving.usage import USER_HEADER, Recorder, log_tag, record_safely, resolve
 MAX_BODY_BYTES = 8 * 1024 * 1024
 ROOT_PAGE = ("<!doctype html><html><head><title>herd</title></head><body><h1>herd</h1>"
              "<p>OpenAI-compatible API: <code>POST /v1/chat/completions</code>, <code>POST /v1/completions</code>,"
-             " <code>GET /v1/models</code>, <code>GET /health</code>, <code>GET /metrics</code>.</p>"
+             " <code>GET /v1/models</code>, <code>POST /tokenize</code>, <code>POST /detokenize</code>,"
+             " <code>GET /health</code>, <code>GET /metrics</code>; the schema: <code>GET /openapi.json</code>.</p>"
              "<p>Built with Llama</p></body></html>")
 
 log = logging.getLogger("herd.serving.http")
