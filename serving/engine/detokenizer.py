@@ -11,8 +11,10 @@ class IncrementalDetokenizer:
     """Turns a growing list of generated token ids into text deltas."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
-        # The Rust tokenizer's decode skips the Python wrapper's per-call overhead.
-        self._decode = getattr(tokenizer, "backend_tokenizer", tokenizer).decode
+        # The Rust tokenizer's decode skips the Python wrapper's per-call overhead. No tokenizer
+        # (skip_tokenizer_init): no text.
+        self._decode = (getattr(tokenizer, "backend_tokenizer", tokenizer).decode if tokenizer is not None
+                        else lambda ids, skip_special_tokens=True: "")
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self.text = ""

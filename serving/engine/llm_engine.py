@@ -68,16 +68,24 @@ class LLMEngine:
         from serving.build import build_executor
         from serving.config import EngineConfig
 
+        skip_tokenizer_init = bool(kwargs.pop("skip_tokenizer_init", False))
         config = EngineConfig.from_kwargs(path, **kwargs)
-        return cls.from_config(config, build_executor(config))
+        if not skip_tokenizer_init:  # refuse a folder without tokenizer files before loading any weights
+            from serving.engine.tokenizer import TOKENIZER_FILES, load_tokenizer
+
+            if any(not (config.model.path / f).is_file() for f in TOKENIZER_FILES):
+                load_tokenizer(config.model.path)
+        return cls.from_config(config, build_executor(config), skip_tokenizer_init=skip_tokenizer_init)
 
     @classmethod
-    def from_config(cls, config, executor) -> "LLMEngine":
-        """The engine for a validated `serving.config.EngineConfig` around an executor built for it."""
-        from transformers import AutoTokenizer
+    def from_config(cls, config, executor, skip_tokenizer_init: bool = False) -> "LLMEngine":
+        """The engine for a validated `serving.config.EngineConfig` around an executor built for it.
+
+        skip_tokenizer_init (vLLM's option): no tokenizer; prompts are token ids, outputs token ids (text empty)."""
+        from serving.engine.tokenizer import load_tokenizer
 
         m = config.model
-        tokenizer = AutoTokenizer.from_pretrained(str(m.path))
+        tokenizer = None if skip_tokenizer_init else load_tokenizer(m.path)
         engine = cls(executor, tokenizer, m.text, max_model_len=config.cache.max_model_len,
                      max_num_seqs=config.scheduler.max_num_seqs,
                      max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -87,6 +95,9 @@ class LLMEngine:
         return engine
 
     # ---- requests --------------------------------------------------------------------------------
+    def _decode_one(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered with the checkpoint's own chat template, ready for a reply."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -107,6 +118,9 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         images = None
+        if self.tokenizer is None and (isinstance(prompt, (str, dict)) or params.stop_list):
+            raise ValueError("this engine has no tokenizer (skip_tokenizer_init=True): give the prompt as token ids, "
+                             "and stop on stop_token_ids rather than stop strings")
         if isinstance(prompt, dict):  # vLLM-style {"prompt" | "prompt_token_ids", "multi_modal_data": {"image"}}
             from serving.engine.multimodal import parse_prompt
 
@@ -233,7 +247,7 @@ class LLMEngine:
         if len(req.prompt_logprobs) != req.num_computed:  # already scored before a preemption: recomputing
             return req.num_computed < len(req.prompt_token_ids)
         token = req.token_ids[req.num_computed]
-        req.prompt_logprobs.append({t: Logprob(lp, rank, self.tokenizer.decode([t]))
+        req.prompt_logprobs.append({t: Logprob(lp, rank, self._decode_one(t))
                                     for t, lp, rank in top_logprobs(logits_V, token, req.params.prompt_logprobs)})
         return True
 
@@ -313,7 +327,7 @@ class LLMEngine:
         req.token_ids.append(token)
         self.generation_tokens_total += 1
         if req.logprobs is not None:
-            req.logprobs.append({t: Logprob(lp, rank, self.tokenizer.decode([t]))
+            req.logprobs.append({t: Logprob(lp, rank, self._decode_one(t))
                                  for t, lp, rank in top_logprobs(logits_V, token, req.params.logprobs)})
         p = req.params
         old_len = len(req.output_text)
@@ -459,6 +473,8 @@ def _cache_key(cache_salt: str | None, images) -> bytes:
 def _image_support(executor, tokenizer, model_config=None):
     """The image path for a checkpoint with a vision tower, on the text model's device and dtype (else None).
     With an engine config its weights come through the engine's loader, from where the config says they are."""
+    if tokenizer is None:  # skip_tokenizer_init: token ids only, no image prompts
+        return None
     from serving.engine.multimodal import ImageSupport
     from serving.loader import resolve_dtype
 

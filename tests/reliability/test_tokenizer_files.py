@@ -21,7 +21,6 @@ def no_tokenizer(scout_tiny, tmp_path_factory):
     return folder
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 4")
 def test_missing_tokenizer_files_are_named(no_tokenizer):
     with pytest.raises(ValueError) as err:
         LLMEngine.from_pretrained(no_tokenizer, dtype="float32", max_model_len=64)
@@ -30,7 +29,6 @@ def test_missing_tokenizer_files_are_named(no_tokenizer):
     assert "skip_tokenizer_init" in msg and "sentencepiece" not in msg
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 4")
 def test_skip_tokenizer_init_serves_token_ids(no_tokenizer, scout_tiny):
     ids = [1, 1000, 2000, 3000]
     reference = LLMEngine.from_pretrained(scout_tiny, dtype="float32", max_model_len=64)
