@@ -34,6 +34,11 @@ def serve_command(
     served_model_name: Optional[str] = typer.Option(None, help="Name clients use in `model`."),
     lora_adapter: Optional[Path] = typer.Option(None, help="PEFT LoRA adapter folder to serve (merged at load), "
                                                            "e.g. a fine-tune's output/adapter."),
+    max_images_per_request: Optional[int] = typer.Option(None, min=0, max=64,
+                                                         help="Images one request may carry (default 8; 0: none)."),
+    image_url_allowed_host: Optional[list[str]] = typer.Option(
+        None, "--image-url-allowed-host", help="A host http(s) image URLs may name (repeat for more; default: "
+                                               "none, data: URLs only)."),
     require_licensing: bool = typer.Option(False, "--require-licensing",
                                            help="Refuse to start unless users are counted for the licence "
                                                 "(HERD_LICENSING_KEY set)."),
@@ -50,7 +55,9 @@ def serve_command(
                  "max_model_len": max_model_len, "served_model_name": served_model_name,
                  "api_keys_file": str(api_keys_file) if api_keys_file else None,
                  "lora_adapter": str(lora_adapter.resolve()) if lora_adapter else None,
-                 "trust_user_field": trust_user_field, "require_licensing": require_licensing or None}
+                 "trust_user_field": trust_user_field, "require_licensing": require_licensing or None,
+                 "max_images_per_request": max_images_per_request,
+                 "image_url_allowed_hosts": image_url_allowed_host or None}
     args.update({k: v for k, v in overrides.items() if v is not None})
     warning = exposure_warning(host, args.get("api_keys_file"))
     if warning:
