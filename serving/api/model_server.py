@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -45,6 +46,9 @@ class ModelServer:
         self.max_model_len = self.llm.max_model_len
         self.vocab_size = self.llm.config.vocab_size
         self.metrics = ReplicaMetrics()
+        # The grammar engine's vocabulary tables take seconds for Llama 4's 202k tokens: build them now, in the
+        # background, not on the first structured request.
+        threading.Thread(target=self.llm.grammars.warm, name="herd-grammar-warmup", daemon=True).start()
         self.hub = hub_handle(self.args.app_name)
         self.replica_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pusher: asyncio.Task | None = None

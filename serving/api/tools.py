@@ -254,26 +254,47 @@ class ToolText:
         return "".join(out)
 
     def _decode(self, ids: list[int]) -> str:
-        if not ids:
-            return ""
-        s = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return s.replace(START, "\ufffd").replace(END, "\ufffd")
+        return _clean(self.tokenizer.decode(ids, skip_special_tokens=True)) if ids else ""
+
+
+def _clean(text: str) -> str:
+    """Generated text never carries the marker characters themselves."""
+    return text.replace(START, "\ufffd").replace(END, "\ufffd")
 
 
 class ToolStreamParser:
-    """Incremental: `feed(new ids)` -> content safe to send now; `finish()` -> (remaining content, calls)."""
+    """Incremental: `feed(new ids)` -> content safe to send now; `finish()` -> (remaining content, calls).
+
+    Text is decoded incrementally (each token once; a run of ordinary tokens through the engine's incremental
+    detokenizer, restarted at every python marker), so a long answer costs linear time on the replica's loop.
+    """
 
     def __init__(self, tokenizer, tool_names: set[str] | None = None):
+        from serving.engine.detokenizer import IncrementalDetokenizer
+
+        self._new_run = lambda: IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.decoder = ToolText(tokenizer)
         self.names = tool_names
         self.ids: list[int] = []
+        self._done = ""  # decoded text up to the last python marker (included)
+        self._run = self._new_run()
         self.sent = ""  # content sent so far
         self.pos = 0  # index in the parsed string up to which content was sent
         self.hold: int | None = None  # where a possible call begins
 
+    def _text(self, new_ids: list[int]) -> str:
+        for t in new_ids:
+            if t in (self.decoder.start_id, self.decoder.end_id):
+                self._done += _clean(self._run.text + self._run.flush()) + (START if t == self.decoder.start_id
+                                                                            else END)
+                self._run = self._new_run()
+            else:
+                self._run.add(t)
+        return self._done + _clean(self._run.text)
+
     def feed(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        s = self.decoder.text(self.ids).rstrip("\ufffd")  # an incomplete character waits for its next byte
+        s = self._text(new_ids)
         while True:
             if self.hold is not None:
                 if s[self.hold] == START or viable(s[self.hold:]) is not False:
@@ -286,9 +307,8 @@ class ToolStreamParser:
         end = len(s) if self.hold is None else self.hold
         piece = s[self.pos:end]
         stable = piece.rstrip()  # whitespace waits: it is dropped when a call follows
-        stable_end = self.pos + len(stable)
         delta = stable.replace(END, "")
-        self.pos = stable_end
+        self.pos += len(stable)
         self.sent += delta
         return delta
 
