@@ -17,6 +17,7 @@ one `<|image|>` placeholder per image, in order (the chat template writes one fo
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -40,9 +41,10 @@ class RequestImage:
     patch_positions: list[int]  # prompt positions of its <|patch|> tokens, in the encoder's output order
     embeds_RD: torch.Tensor | None = None  # [len(patch_positions), D] after the vision tower ran
 
-    @property
+    @functools.cached_property
     def content_hash(self) -> str:
-        """sha256 of the pixel values: what a prefix-cache key must include for this image."""
+        """sha256 of the pixel values: what a prefix-cache key must include for this image (made once, by
+        `ImageSupport.expand`, in the thread that preprocesses)."""
         return hashlib.sha256(self.tiles.pixel_values.view(torch.int16).numpy().tobytes()).hexdigest()
 
 
@@ -103,7 +105,10 @@ class ImageSupport:
                              "(max_images_per_request)")
         tiles = [preprocess(_check_image(img, i), self.image_cfg) for i, img in enumerate(images)]
         expanded, positions = self.expander.expand(ids, tiles)
-        return expanded, [RequestImage(t, p) for t, p in zip(tiles, positions)]
+        out = [RequestImage(t, p) for t, p in zip(tiles, positions)]
+        for img in out:
+            img.content_hash  # noqa: B018  (hashed here, off the caller's event loop, not at admission)
+        return expanded, out
 
     def chunk_embeds(self, images: list[RequestImage], start: int, length: int):
         """(offsets inside the piece, embeddings [R, D]) for the patches in [start, start + length), or None."""
