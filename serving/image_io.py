@@ -40,6 +40,9 @@ def decode_image(data: bytes, where: str, limits: ImageLimits = ImageLimits()):
         raise ImageError(f"{where}: the image is {len(data)} bytes; at most {limits.max_image_bytes} are allowed")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # Pillow's own header check, for sizes beyond ~179 Mpixels
+        raise ImageError(f"{where}: the image has over {Image.MAX_IMAGE_PIXELS * 2} pixels; at most "
+                         f"{limits.max_image_pixels} are allowed, resize it first") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageError(f"{where}: the image cannot be decoded ({exc.__class__.__name__}); send PNG, JPEG, WebP "
                          "or GIF") from None

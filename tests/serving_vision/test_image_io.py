@@ -34,6 +34,24 @@ def test_pixel_limit_is_checked_from_the_header():
         decode_image(buf.getvalue(), "img", ImageLimits(max_image_pixels=1_000_000))
 
 
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that only claims its size (no pixel data): what a decompression bomb's header looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("size,text", [((5000, 5000), "5000x5000 = 25000000 pixels; at most 1000000"),
+                                       ((20000, 10000), "over 178956970 pixels; at most 1000000")])
+def test_bombs_are_refused_from_the_header(size, text):
+    with pytest.raises(ImageError, match=text):
+        decode_image(_png_header(*size), "img", ImageLimits(max_image_pixels=1_000_000))
+
+
 def test_other_formats_and_truncated_data_are_refused():
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="BMP")
