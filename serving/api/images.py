@@ -47,7 +47,11 @@ def image_prompt(llm, limits, parts: list[dict], prompt_ids: list[int], max_mode
             images.append(load_image_url(part["url"], part["where"], limits))
         except ImageError as e:
             raise bad_request(str(e), param=part["where"], code="invalid_image") from None
-    ids, prepared = llm.image_support.expand(prompt_ids, images, max_images=limits.max_images_per_request)
+    try:
+        ids, prepared = llm.image_support.expand(prompt_ids, images, max_images=limits.max_images_per_request)
+    except (ValueError, OSError) as e:  # an image Pillow decoded but cannot convert, or a placeholder mismatch
+        raise bad_request(f"messages: the images could not be prepared ({e}).", param="messages",
+                          code="invalid_image") from None
     if len(ids) >= max_model_len:
         raise bad_request(f"This model's maximum context length is {max_model_len} tokens; the messages are "
                           f"{len(ids)} tokens with their images ({len(ids) - len(prompt_ids) + len(parts)} image "
