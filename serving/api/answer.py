@@ -62,7 +62,7 @@ class Answer:
         if job.get("tool_names"):
             from serving.api.tools import ToolStreamParser
 
-            self.parser = ToolStreamParser(tokenizer, set(job["tool_names"]))
+            self.parser = ToolStreamParser(tokenizer, set(job["tool_names"]), job["sampling"].get("stop"))
         self.one_call = not job.get("parallel_tool_calls", True)
         self.first: dict = {}
         if job.get("echo"):

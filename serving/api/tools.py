@@ -269,8 +269,10 @@ class ToolStreamParser:
     detokenizer, restarted at every python marker), so a long answer costs linear time on the replica's loop.
     """
 
-    def __init__(self, tokenizer, tool_names: set[str] | None = None):
+    def __init__(self, tokenizer, tool_names: set[str] | None = None, stop: list[str] | None = None):
         from serving.engine.detokenizer import IncrementalDetokenizer
+
+        self.stop = [x for x in stop or () if x]  # the engine ends at a stop string; the text does too
 
         self._new_run = lambda: IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.decoder = ToolText(tokenizer)
@@ -292,9 +294,18 @@ class ToolStreamParser:
                 self._run.add(t)
         return self._done + _clean(self._run.text)
 
+    def _cut(self, s: str) -> tuple[str, bool]:
+        """s up to the first stop string, and whether text may still grow into one (hold its possible start)."""
+        hits = [i for i in (s.find(x) for x in self.stop) if i >= 0]
+        if hits:
+            return s[:min(hits)], False
+        return s, bool(self.stop)
+
     def feed(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        s = self._text(new_ids)
+        s, open_end = self._cut(self._text(new_ids))
+        if open_end:
+            s = s[:max(self.pos, len(s) - max(len(x) for x in self.stop) + 1)]
         while True:
             if self.hold is not None:
                 if s[self.hold] == START or viable(s[self.hold:]) is not False:
@@ -320,10 +331,10 @@ class ToolStreamParser:
         return None
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        parsed = parse_tool_calls(self.decoder.text(self.ids), self.names)
+        parsed = self.parsed()
         content = parsed.content or ""
         rest = content[len(self.sent):] if content.startswith(self.sent) else ""
         return rest, parsed.calls
 
     def parsed(self) -> Parsed:
-        return parse_tool_calls(self.decoder.text(self.ids), self.names)
+        return parse_tool_calls(self._cut(self.decoder.text(self.ids))[0], self.names)

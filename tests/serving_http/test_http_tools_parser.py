@@ -99,3 +99,13 @@ def test_streaming_sends_plain_text_early(tokenizer):
     ids = tokenizer.encode("The herd grazes on the hill [1, 2]", add_special_tokens=False)
     sent = "".join(p.feed([t]) for t in ids)
     assert sent == "The herd grazes on the hill [1, 2]"
+
+
+def test_stop_strings_end_the_content_as_the_engine_ends_the_text(tokenizer):
+    text = 'Sure thing. END {"name": "get_time", "parameters": {"tz": "CET"}}'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    p = ToolStreamParser(tokenizer, NAMES, stop=["END"])
+    sent = "".join(p.feed([t]) for t in ids)
+    rest, found = p.finish()
+    assert sent + rest == "Sure thing. " and found == []
+    assert "E" not in sent  # a possible stop string's start is held back while streaming
