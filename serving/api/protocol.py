@@ -119,9 +119,8 @@ def known_fields(model: type[BaseModel]) -> dict[str, list[str]]:
 
 def _check_common(req: _SamplingFields) -> None:
     if req.n not in (None, 1):
-        raise bad_request(f"n={req.n} is not supported yet: herd returns one choice per request (n > 1 lands with "
-                          "the paged KV cache); send n=1, or several requests with different seeds.", param="n",
-                          code="unsupported_value")
+        raise bad_request(f"n={req.n} is not supported yet: herd returns one choice per request for now; send n=1, "
+                          "or several requests with different seeds.", param="n", code="unsupported_value")
     if isinstance(req.stop, list) and len(req.stop) > MAX_STOP_SEQUENCES:
         raise bad_request(f"'stop' has {len(req.stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed.",
                           param="stop", code="invalid_value")
