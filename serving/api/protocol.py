@@ -10,10 +10,10 @@ sampling settings, and a grammar for `response_format` / `tool_choice` required 
 """
 from __future__ import annotations
 
-import time
 import json
 import re
-from typing import Any, Literal, Optional, Union
+import time
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
