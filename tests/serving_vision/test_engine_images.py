@@ -236,3 +236,26 @@ def test_bad_image_prompts_are_explained(engine):
         engine.make_request("x", {"prompt": "hi", "images": []})
     with pytest.raises(ValueError, match="Llama 4 takes only 'image'"):
         engine.make_request("x", {"prompt": "hi", "multi_modal_data": {"video": []}})
+
+
+def test_async_engine_takes_prompt_dicts(engine, maverick_tiny):
+    """`AsyncLLMEngine.add_request` with a vLLM-style dict (PIL images) streams the synchronous engine's tokens."""
+    import asyncio
+
+    from serving.engine import AsyncLLMEngine
+
+    prompt = {"prompt": "Look: <|image|> and <|image|>.",
+              "multi_modal_data": {"image": [image("tile56.png"), image("alpha120x90.png")]}}
+    expected = engine.generate(prompt, GREEDY)[0].outputs[0].token_ids
+    async_engine = AsyncLLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=2, max_model_len=512)
+
+    async def run() -> list[int]:
+        tokens = []
+        async for delta in async_engine.add_request("async-image", prompt, GREEDY):
+            tokens += delta.new_token_ids
+        return tokens
+
+    try:
+        assert asyncio.run(run()) == expected
+    finally:
+        async_engine.shutdown()
