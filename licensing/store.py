@@ -102,20 +102,24 @@ class LocalStore:
 class S3Store:
     """An `s3://bucket/prefix`, through boto3; PutObject with If-None-Match keeps objects append-only."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None):
+    def __init__(self, uri: str, endpoint_url: str | None = None, timeout_s: float = 30.0):
         from common.s3url import parse_s3_url
 
         self.bucket, self.prefix = parse_s3_url(uri, field="store")
         self.uri = uri
         self.endpoint_url = s3_endpoint(endpoint_url)
+        self.timeout_s = timeout_s  # per connect and per read: a hung store fails a flush, it does not hang it
         self._client = None
 
     @property
     def client(self):
         if self._client is None:
             import boto3
+            from botocore.config import Config
 
-            self._client = boto3.client("s3", endpoint_url=self.endpoint_url)
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=Config(
+                connect_timeout=self.timeout_s, read_timeout=self.timeout_s,
+                retries={"max_attempts": 3, "mode": "standard"}))
         return self._client
 
     def _key(self, path: str) -> str:
