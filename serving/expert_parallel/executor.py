@@ -68,6 +68,12 @@ class EPExecutor:
                 order.append((node, counts[node]))
                 counts[node] += 1
         sync = time.monotonic() - self._counts_synced_at >= self.counts_sync_interval_s
+        if self.tp > 1 and any(c.mm_embeds is not None for c in chunks):
+            import ray
+
+            # Image rows are large: put each node's chunks in the object store once for its tp ranks, rather
+            # than serialising them into every rank's call. (Text-only chunks are small; a put would cost more.)
+            per_node = [ray.put(p) if p else p for p in per_node]
         try:
             refs = [w.execute.remote(per_node[rank // self.tp], bool(per_node[rank // self.tp]),
                                      sync and rank % self.tp == 0)
