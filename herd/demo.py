@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _quiet_ray_loggers() -> None:
+    """Ray's, Serve's and Ray Data's driver-side INFO lines (and the progress-bar notice) are not the demo's: only
+    their console output is raised to ERROR; Ray Data's own log file (ray-data.log) keeps everything."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures the "ray.data" logger on import; adjust it afterwards)
+
+    for name in ("ray", "ray.serve", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+
+
 def serve_and_query() -> None:
     import ray
     from openai import OpenAI
@@ -85,11 +100,15 @@ def serve_and_query() -> None:
     step(f"4. serve: a local Ray cluster on 127.0.0.1, Ray Serve with experts over "
          f"{args.get('expert_parallel_size', 1)} workers, queried with the openai client")
     port = _free_port()
+    # The demo prints its own steps; Ray's processes log to their files (/tmp/ray/session_latest/logs), not here.
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False,
-             logging_level="ERROR", log_to_driver=True)  # training progress lines
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+             logging_level="ERROR", log_to_driver=False)
+    _quiet_ray_loggers()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly",
+                logging_config={"log_level": "WARNING"})
     t0 = time.time()
-    serve.run(build_app(args), name="herd", route_prefix="/", blocking=False)
+    serve.run(build_app(args), name="herd", route_prefix="/", blocking=False,
+              logging_config={"log_level": "WARNING"})
     print(f"   serving at http://127.0.0.1:{port}/v1 after {time.time() - t0:.0f}s")
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
@@ -124,6 +143,7 @@ def finetune() -> None:
         for q, a in facts:
             f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                              {"role": "assistant", "content": a}]}) + "\n")
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a fresh run each time (the same name would resume it)
     job_file = work / "job.yaml"
     job_file.write_text(
         f"name: demo-memorise\nbase_model: {CHECKPOINT}\ndataset:\n  path: {work / 'facts.jsonl'}\n"
@@ -131,27 +151,32 @@ def finetune() -> None:
         f"checkpoint:\n  storage_path: {work / 'runs'}\n  every_steps: 10\n"
         "lora:\n  rank: 8\n  alpha: 16\n  dropout: 0.0\n"
         "deepspeed:\n  zero_stage: 2\nresources:\n  workers: 2\n  cpus_per_worker: 0.5\n"
-        "training:\n  batch_size: 2\n  sequence_length: 64\n  learning_rate: 0.005\n  steps: 20\n  seed: 0\n")
-    print("   (the first run on a machine builds DeepSpeed's CPU ops, about 100 s, then reuses them)")
+        "training:\n  batch_size: 2\n  sequence_length: 64\n  learning_rate: 0.01\n  steps: 40\n  seed: 0\n")
+    print("   training 40 steps to memorise two facts (about a minute; the first run on a machine also builds "
+          "DeepSpeed's CPU ops, about 100 s)", flush=True)
+    _quiet_ray_loggers()
     uri = run(load_job(job_file))
     metrics = json.loads((Path(uri) / "metrics.json").read_text())
     losses = [h["loss"] for h in metrics["history"]]
     if losses:
         print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     print(f"   adapter (PEFT format), NOTICE, metrics.json and loss.png in {uri}")
-    serve_adapter(Path(uri) / "adapter")
+    serve_adapter(Path(uri) / "adapter", facts)
 
 
-def serve_adapter(adapter: Path) -> None:
+def serve_adapter(adapter: Path, facts: list[tuple[str, str]]) -> None:
     """The fine-tune served: the engine merges the adapter as it loads (`herd serve --lora-adapter` does the same)."""
     from serving.engine import LLMEngine, SamplingParams
 
     engine = LLMEngine.from_pretrained(CHECKPOINT, dtype="float32", max_num_seqs=2, max_model_len=256,
                                        lora_adapter=adapter)
     try:
-        ids = engine.apply_chat_template([{"role": "user", "content": "What is herd?"}])
-        out = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=16))[0].outputs[0]
-        print(f"   served with the adapter merged: 'What is herd?' -> {out.text.strip()!r}")
+        prompts = [engine.apply_chat_template([{"role": "user", "content": q}]) for q, _ in facts]
+        outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
+        for (q, trained), out in zip(facts, outs):
+            text = out.outputs[0].text.strip()
+            mark = "the trained answer" if text == trained else f"trained on {trained!r}"
+            print(f"   served with the adapter merged: {q!r} -> {text!r} ({mark})")
     finally:
         engine.shutdown()
 
@@ -185,10 +210,7 @@ def main() -> int:
         import ray
 
         if ray.is_initialized():
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
+            ray.shutdown()  # stops Serve with the cluster (serve.shutdown first only adds a raylet warning)
     licensing_report()
     print(f"\nDone in {time.time() - t0:.0f}s. Built with Llama.")
     return 0

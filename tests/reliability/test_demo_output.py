@@ -13,7 +13,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 5: Ray INFO lines and a half-trained answer")
 def test_the_demo_prints_its_steps_and_clean_trained_answers(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HERD_DEMO_DIR": str(tmp_path / "herd-data"),
            "RAY_ADDRESS": ""}
