@@ -18,6 +18,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_REPO, ".cache", "torch_extensions"))
 # herd's own node-local caches (S3 byte ranges, fetched fine-tune inputs) go here too, never to ~/.cache/herd.
 os.environ.setdefault("HERD_CACHE_DIR", os.path.join(_REPO, ".cache", "herd"))
+# Libraries that would otherwise write under ~ (matplotlib's font cache for loss plots, Hugging Face's cache).
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_REPO, ".cache", "matplotlib"))
+os.environ.setdefault("HF_HOME", os.path.join(_REPO, ".cache", "huggingface"))
 
 import socket
 import subprocess
