@@ -74,7 +74,18 @@ class Batch:
     # Early fusion (images): these rows' token embeddings are replaced by the vision tower's (serving/vision.py).
     mm_rows_R: torch.Tensor | None = None  # int64 [R]
     mm_embeds_RD: torch.Tensor | None = None  # [R, D]
+    workspace: dict | None = None  # gather buffers reused across layers and steps (the executor keeps it)
     _memo: dict = field(default_factory=dict, repr=False)
+
+    def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer for gathered keys or values. Allocating a fresh one per layer cost more than the
+        gather itself on CPU (large tensors come from mmap: page faults on first touch, every time)."""
+        ws = self.workspace if self.workspace is not None else self._memo
+        n = math.prod(shape)
+        buf = ws.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = ws[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
 
     def write_index(self, ring: bool) -> torch.Tensor:
         """int64 [T]: row of the flattened cache [blocks * bs] where each token's key and value go."""
@@ -283,11 +294,13 @@ class Attention(nn.Module):
         table_BM, L, mask = batch.decode_tables(self.use_rope)
         M, bs = table_BM.shape[1], batch.block_size
 
-        def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, L, Dh]
-            return cache.index_select(0, table_BM.view(-1)).view(B, M * bs, self.n_kv_heads, -1)[:, :L].transpose(1, 2)
+        def gather(cache: torch.Tensor, name: str) -> torch.Tensor:  # [B, Hkv, L, Dh]
+            out = batch.scratch(name, (B * M, bs, self.n_kv_heads, self.head_dim), cache)
+            held = torch.index_select(cache, 0, table_BM.view(-1), out=out)
+            return held.view(B, M * bs, self.n_kv_heads, -1)[:, :L].transpose(1, 2)
 
         q_BHGX = q_BHX.view(B, self.n_kv_heads, -1, self.head_dim)  # query head h = kv head h // G
-        k_BHLX, v_BHLX = gather(self.cache_k), gather(self.cache_v)
+        k_BHLX, v_BHLX = gather(self.cache_k, "k"), gather(self.cache_v, "v")
         out = F.scaled_dot_product_attention(q_BHGX, k_BHLX.to(q_BHX.dtype), v_BHLX.to(q_BHX.dtype), attn_mask=mask)
         return out.reshape(B, -1)
 
@@ -296,8 +309,12 @@ class Attention(nn.Module):
         n, end = span.length, span.start_pos + span.length
         blocks, n_keys = batch.span_keys(span, self.use_rope)
 
-        def keys(cache: torch.Tensor) -> torch.Tensor:  # [Hkv, L, Dh]
-            held = cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks)
+        def keys(cache: torch.Tensor, name: str) -> torch.Tensor:  # [Hkv, L, Dh]
+            if isinstance(blocks, slice):
+                held = cache[blocks]
+            else:
+                out = batch.scratch(name, (len(blocks), *cache.shape[1:]), cache)
+                held = torch.index_select(cache, 0, blocks, out=out)
             return held.reshape(-1, self.n_kv_heads, self.head_dim)[:n_keys].transpose(0, 1)
 
         first_key = span.first_key[self.use_rope]
@@ -305,8 +322,8 @@ class Attention(nn.Module):
         q_pos = torch.arange(span.start_pos, end, device=q_nHX.device)
         mask_nL = key_pos[None, :] <= q_pos[:, None]
         out = F.scaled_dot_product_attention(
-            q_nHX.transpose(0, 1)[None], keys(self.cache_k)[None].to(q_nHX.dtype),
-            keys(self.cache_v)[None].to(q_nHX.dtype), attn_mask=mask_nL, enable_gqa=True)  # [1, H, n, Dh]
+            q_nHX.transpose(0, 1)[None], keys(self.cache_k, "k")[None].to(q_nHX.dtype),
+            keys(self.cache_v, "v")[None].to(q_nHX.dtype), attn_mask=mask_nL, enable_gqa=True)  # [1, H, n, Dh]
         return out[0].transpose(0, 1).reshape(n, -1)
 
 

@@ -66,6 +66,7 @@ class LocalExecutor:
         self.kv_plan = plan
         self.max_model_len = plan.max_model_len
         self.device = model.embed_tokens.weight.device
+        self.workspace: dict = {}  # attention's gather buffers, kept across steps (serving.model.Batch.scratch)
         model.allocate_kv_cache(plan.global_blocks, plan.chunked_blocks, plan.block_size)
         log.info(plan.describe())
 
@@ -96,6 +97,7 @@ class LocalExecutor:
                                  f"({self.max_model_len})")
             spans.append((c.token_ids, c.start_pos, c.need_logits, c.global_blocks, c.chunk_start, c.chunked_blocks))
         batch = Batch.build(spans, self.device, self.cfg.attention_chunk_size, self.kv_plan.block_size)
+        batch.workspace = self.workspace
         if any(c.mm_embeds is not None for c in chunks):
             from serving.engine.multimodal import attach_image_embeds
 
