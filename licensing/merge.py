@@ -81,7 +81,7 @@ def start_merge_actor(store_uri: str, interval_s: float = 300.0, endpoint_url: s
                 try:
                     self.compact()
                 except Exception as e:
-                    log.error("licensing compaction failed (%s: %s); retrying in %.0f s", e.__class__.__name__,
+                    log.error("licensing compaction failed (%s: %s); retrying in %g s", e.__class__.__name__,
                               str(e)[:200], interval)
 
         def compact(self):

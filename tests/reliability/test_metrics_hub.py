@@ -72,10 +72,11 @@ def test_the_merge_loop_outlives_a_failing_compaction(ray_cluster, tmp_path):
     try:
         time.sleep(2)
         runs, errors = ray.get(actor.stats.remote())
-        assert runs >= 3 and errors == runs  # it kept trying
+        assert runs >= 3 and errors >= runs - 1  # it kept trying (one may be under way)
         (store / "commits" / "x" / "0-1.json").unlink()
-        time.sleep(1)
-        assert ray.get(actor.stats.remote())[1] < ray.get(actor.stats.remote())[0]  # and succeeded once fixed
+        time.sleep(1.5)
+        runs_after, errors_after = ray.get(actor.stats.remote())
+        assert runs_after - errors_after >= 2  # and succeeded once the store was fixed
     finally:
         ray.get(actor.stop.remote())
         ray.kill(actor)
