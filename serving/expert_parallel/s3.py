@@ -195,10 +195,12 @@ class S3Checkpoint:
         name and renamed, so a folder interrupted mid-download is completed by the next call, never half-read.
         """
         dest = self.download_metadata(dest)
+        stamps = dest.with_name(dest.name + ".etags")  # beside the folder: the checkpoint folder stays as released
+        stamps.mkdir(exist_ok=True)
         for shard in sorted(set(self.weight_map.values())):
             target = dest / _check_shard_name(shard, self.url)
             etag, size = self._object_version(shard)
-            stamp = target.with_name(f".{shard}.etag")
+            stamp = stamps / shard  # the ETag the local copy was made from: a replaced shard is fetched again
             if target.exists() and target.stat().st_size == size and stamp.exists() and stamp.read_text() == etag:
                 continue
             tmp = target.with_suffix(".partial")
