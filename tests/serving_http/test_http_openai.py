@@ -132,8 +132,8 @@ def test_models_root_health(server):
     assert [m.id for m in client.models.list()] == ["scout-tiny"]
     assert "Built with Llama" in httpx.get(f"{server}/").text
     health = httpx.get(f"{server}/health").json()  # the model replica's engine state, from its heartbeat
-    assert health["status"] == "ok" and health["healthy"] == 1
-    assert health["replicas"][0]["dead"] is None and health["replicas"][0]["engine_heartbeat_s_ago"] < 10
+    assert health["status"] == "ok" and health["healthy"] == 2  # both model replicas
+    assert all(r["dead"] is None and r["engine_heartbeat_s_ago"] < 10 for r in health["replicas"])
 
 
 def _metrics(server) -> str:
