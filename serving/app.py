@@ -186,8 +186,8 @@ def build_app(args: dict):
     a = _fit_max_model_len(a, cfg)
     if a.lora_adapter:
         _check_adapter(a)
+    digests = load_api_keys(a.api_keys_file) if a.api_keys_file else {}  # a bad file is refused before any banner
     a = _check_licensing(a)
-    digests = load_api_keys(a.api_keys_file) if a.api_keys_file else {}
     plain = a.model_dump()
     model = ModelServer.options(**model_deployment_options(a)).bind(plain)
     return Ingress.options(ray_actor_options={"num_cpus": a.ingress_num_cpus}).bind(model, plain, digests)
