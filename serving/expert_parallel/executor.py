@@ -10,7 +10,6 @@ fails the requests in flight and calls `rebuild()`, which replaces every worker 
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -137,6 +136,7 @@ def build_ep_executor(config) -> EPExecutor:
     import ray
 
     from cluster.placement import PlacementError, resolve_placement
+    from serving.expert_parallel.s3 import cache_root
 
     m, par = config.model, config.parallel
     cfg = m.text
@@ -160,7 +160,7 @@ def build_ep_executor(config) -> EPExecutor:
         raise PlacementError(f"placement {e}") from None
     shard_spec = ShardSpec(m.weights_source, m.raw, m.dtype, placement.to_json(), node_kv_plan(config),
                            config.cache.max_model_len, m.s3_endpoint_url,
-                           m.cache_dir or str(Path(tempfile.gettempdir()) / "herd-s3"), lora_adapter)
+                           m.cache_dir or str(cache_root() / "s3"), lora_adapter)
     group = ExpertParallelGroup(spec, EPWorker, {"num_threads": par.num_threads_per_worker, "device": m.device}).start()
     try:
         return EPExecutor(group, shard_spec, config.cache.max_model_len,

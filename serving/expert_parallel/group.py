@@ -66,9 +66,15 @@ class ExpertParallelGroup:
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> "ExpertParallelGroup":
-        import ray
-
         self._reserve()
+        try:
+            return self._start_workers()
+        except BaseException:  # release the actors and the placement group we reserved, then report
+            self.shutdown()
+            raise
+
+    def _start_workers(self) -> "ExpertParallelGroup":
+        import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         actor_cls = ray.remote(self.worker_cls)

@@ -68,7 +68,9 @@ def open_shard_reader(spec: ShardSpec):
     if spec.path.startswith("s3://"):
         import ray
 
-        base = Path(spec.cache_dir or Path.home() / ".cache" / "herd" / "s3")
+        from serving.expert_parallel.s3 import cache_root
+
+        base = Path(spec.cache_dir) if spec.cache_dir else cache_root() / "s3"
         cache_dir = base / ray.get_runtime_context().get_node_id()[:16]
     return open_reader(spec.path, lora_adapter=spec.lora_adapter, s3_endpoint_url=spec.s3_endpoint_url,
                        cache_dir=cache_dir)
