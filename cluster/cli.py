@@ -71,6 +71,10 @@ def register(app: typer.Typer) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {target} config to {out}")
+        if target in ("serve", "kuberay-service") and spec.provider.cloud != "local" and not spec.serving.api_keys_file:
+            typer.echo(f"herd: WARNING: {out} serves on 0.0.0.0 with no API keys: anyone who can reach the port can "
+                       "use the model and name any user for the licence count. Set serving.api_keys_file, or put "
+                       "an authenticating proxy in front.", err=True)
 
 
 _HOW = {"cluster_file": "give the cluster YAML, e.g. infra/clusters/local.yaml",

@@ -143,6 +143,9 @@ class Serving(_Closed):
                                                                      "CUDA context and exchange buffers, GiB")
     model_name: str | None = Field(None, description="name clients use in requests (default: from the model)")
     api_keys_file: str | None = Field(None, description="file mapping API keys to identities (none: no auth)")
+    require_licensing: bool | None = Field(None, description="refuse to start without HERD_LICENSING_KEY, so users "
+                                                             "are always counted for the licence (default: on for "
+                                                             "cloud clusters, off for local ones)")
     placement_file: str | None = Field(None, description="expert placement JSON (default: contiguous blocks)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
     images: ServingImages = Field(default_factory=ServingImages, description="limits on request images")

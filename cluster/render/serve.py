@@ -23,6 +23,11 @@ _MISSING = {
 def require_servable(spec: ClusterSpec) -> None:
     """Refuse what the engine cannot serve yet and what does not fit, with the fix in the message."""
     dtype = spec.model.weight_dtype
+    kv, kv_served = spec.model.kv_cache_dtype, "fp32" if dtype == "fp32" else "bf16"
+    if kv == "fp8":  # else the plan counts a cache the engine does not build (fp8 holds twice the tokens)
+        raise UserError(f"model.kv_cache_dtype {kv}: the engine keeps the KV cache in the weights' dtype "
+                        f"({kv_served}) and has no {kv} cache yet; set model.kv_cache_dtype: {kv_served} (herd plan "
+                        "then counts the cache the engine builds)")
     if dtype not in SERVABLE_DTYPES:
         raise UserError(
             f"model.weight_dtype {dtype}: herd plans {dtype} but cannot serve it yet; the engine loads bf16/fp32 "
@@ -72,6 +77,9 @@ def serve_args(spec: ClusterSpec, absolute_paths: bool = True) -> dict[str, Any]
             args["kv_cache_memory_bytes"] = budget
             args["mean_sequence_tokens"] = s.mean_sequence_tokens
     args["product"] = spec.licensing.product
+    # A cloud deployment must count its users for the licence: refuse to start rather than serve uncounted.
+    args["require_licensing"] = (s.require_licensing if s.require_licensing is not None
+                                 else spec.provider.cloud != "local")
     if s.api_keys_file:
         args["api_keys_file"] = fix(s.api_keys_file)
     if s.placement_file:

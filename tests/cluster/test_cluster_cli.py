@@ -74,6 +74,17 @@ def test_render_writes_a_valid_file_and_refuses_fp8(tmp_path, capsys):
     assert not (tmp_path / "x.yaml").exists()
     assert main(["render", str(src), "--target", "srve", "-o", str(tmp_path / "x.yaml")]) == 2
     assert "--target: unknown target 'srve' (did you mean 'serve'?)" in capsys.readouterr().err
+    # Issue 16 item 17: a cloud Serve config listens on 0.0.0.0; without an API keys file herd says so, loudly.
+    keyless = tmp_path / "keyless.yaml"
+    doc = yaml.safe_load((REPO / "infra/clusters/maverick-bf16-2x8.yaml").read_text())
+    doc["serving"].pop("api_keys_file", None)
+    keyless.write_text(yaml.safe_dump(doc))
+    assert main(["render", str(keyless), "--target", "serve", "-o", str(tmp_path / "k.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "herd: WARNING:" in err and "serves on 0.0.0.0 with no API keys" in err
+    assert main(["render", str(REPO / "infra/clusters/maverick-bf16-2x8.yaml"), "--target", "serve", "-o",
+                 str(tmp_path / "with-keys.yaml")]) == 0
+    assert "WARNING" not in capsys.readouterr().err
 
 
 def test_herd_subprocess_entry_point(cluster_doc, write_cluster):

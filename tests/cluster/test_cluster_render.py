@@ -76,7 +76,8 @@ def test_serve_config_passes_serve_deploy_schema_with_build_app_args(cluster_doc
         "max_model_len": 65536, "max_num_seqs": 32, "served_model_name": "llama4-maverick",
         "dtype": "bfloat16", "device": "cuda", "worker_num_gpus": 1, "worker_num_cpus": 1, "product": "llm-api",
         "api_keys_file": "/etc/herd/keys/keys.yaml", "placement_file": placement,
-        "kv_cache_memory_bytes": app["args"]["kv_cache_memory_bytes"], "mean_sequence_tokens": 2048}
+        "kv_cache_memory_bytes": app["args"]["kv_cache_memory_bytes"], "mean_sequence_tokens": 2048,
+        "require_licensing": True}
     env = app["runtime_env"]["env_vars"]
     assert env == {"HERD_LICENSING_STORE": "./herd-data/licensing"}  # the key itself is never rendered
 
@@ -232,3 +233,17 @@ def test_serve_args_carry_the_planned_kv_budget_and_the_engine_sizes_the_planned
     # CPU workers keep the engine's default cache (RAM is shared with everything else).
     cpu = serve_args(parse_cluster(cluster_doc(preset="maverick-tiny", gpu="cpu", gpus=2)))
     assert "kv_cache_memory_bytes" not in cpu
+
+
+def test_cloud_serve_configs_require_licensing_and_refuse_an_fp8_cache(cluster_doc):
+    """Issue 16 item 13: a rendered cloud app refuses to start without the licensing key (a cluster file may turn
+    it off); a local one does not. An fp8 KV cache is refused: the engine would build a bf16 one the plan did
+    not count."""
+    args = _render(cluster_doc, "serve", **BF16_2X8)["applications"][0]["args"]
+    assert args["require_licensing"] is True
+    args = _render(cluster_doc, "serve", require_licensing=False, **BF16_2X8)["applications"][0]["args"]
+    assert args["require_licensing"] is False
+    with pytest.raises(UserError, match=r"^model.kv_cache_dtype fp8: the engine keeps the KV cache in the weights'"):
+        doc = cluster_doc(**BF16_2X8)
+        doc["model"]["kv_cache_dtype"] = "fp8"
+        render(parse_cluster(doc), "serve", source="c.yaml")
