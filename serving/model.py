@@ -115,6 +115,20 @@ class Batch:
             self._memo[key] = (table, L, mask)
         return self._memo[key]
 
+    def single_run(self, ring: bool) -> int | None:
+        """The first block when the batch is one decoding sequence whose blocks are consecutive (a view then
+        replaces the gather), else None."""
+        key = ("run", ring)
+        if key not in self._memo:
+            run = None
+            if len(self.decode) == 1 and not self.prefill:
+                table, _, _ = self.decode_tables(ring)
+                t = table[0].tolist()
+                if t == list(range(t[0], t[0] + len(t))):
+                    run = t[0]
+            self._memo[key] = run
+        return self._memo[key]
+
     def span_keys(self, span: SeqSpan, ring: bool) -> tuple[torch.Tensor | slice, int]:
         """A prefill span's blocks (a slice when they are consecutive: a view, no gather) and its key count."""
         key = ("span", ring, span.offset)
@@ -293,8 +307,11 @@ class Attention(nn.Module):
         B = q_BHX.shape[0]
         table_BM, L, mask = batch.decode_tables(self.use_rope)
         M, bs = table_BM.shape[1], batch.block_size
+        run = batch.single_run(self.use_rope)  # one sequence on consecutive blocks: read them in place
 
         def gather(cache: torch.Tensor, name: str) -> torch.Tensor:  # [B, Hkv, L, Dh]
+            if run is not None:
+                return cache[run:run + M].view(1, M * bs, self.n_kv_heads, -1)[:, :L].transpose(1, 2)
             out = batch.scratch(name, (B * M, bs, self.n_kv_heads, self.head_dim), cache)
             held = torch.index_select(cache, 0, table_BM.view(-1), out=out)
             return held.view(B, M * bs, self.n_kv_heads, -1)[:, :L].transpose(1, 2)
