@@ -108,6 +108,7 @@ class ModelConfig:
     s3_endpoint_url: str | None = None
     cache_dir: str | None = None  # node-local cache for s3:// weights
     lora_adapter: str | None = None  # PEFT adapter folder merged into the weights as they load
+    skip_tokenizer_init: bool = False  # no tokenizer (vLLM's option): prompts and outputs are token ids
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

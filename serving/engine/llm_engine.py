@@ -68,24 +68,24 @@ class LLMEngine:
         from serving.build import build_executor
         from serving.config import EngineConfig
 
-        skip_tokenizer_init = bool(kwargs.pop("skip_tokenizer_init", False))
         config = EngineConfig.from_kwargs(path, **kwargs)
-        if not skip_tokenizer_init:  # refuse a folder without tokenizer files before loading any weights
+        if not config.model.skip_tokenizer_init:  # refuse a folder without tokenizer files before loading weights
             from serving.engine.tokenizer import TOKENIZER_FILES, load_tokenizer
 
             if any(not (config.model.path / f).is_file() for f in TOKENIZER_FILES):
                 load_tokenizer(config.model.path)
-        return cls.from_config(config, build_executor(config), skip_tokenizer_init=skip_tokenizer_init)
+        return cls.from_config(config, build_executor(config))
 
     @classmethod
-    def from_config(cls, config, executor, skip_tokenizer_init: bool = False) -> "LLMEngine":
+    def from_config(cls, config, executor) -> "LLMEngine":
         """The engine for a validated `serving.config.EngineConfig` around an executor built for it.
 
-        skip_tokenizer_init (vLLM's option): no tokenizer; prompts are token ids, outputs token ids (text empty)."""
+        With `skip_tokenizer_init` (vLLM's option) there is no tokenizer: prompts are token ids, outputs token ids
+        (text empty)."""
         from serving.engine.tokenizer import load_tokenizer
 
         m = config.model
-        tokenizer = None if skip_tokenizer_init else load_tokenizer(m.path)
+        tokenizer = None if m.skip_tokenizer_init else load_tokenizer(m.path)
         engine = cls(executor, tokenizer, m.text, max_model_len=config.cache.max_model_len,
                      max_num_seqs=config.scheduler.max_num_seqs,
                      max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
