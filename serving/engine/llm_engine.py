@@ -491,9 +491,11 @@ def _image_support(executor, tokenizer, model_config=None):
         dtype, device = resolve_dtype(m.dtype), "cpu" if m.device == "cpu" else "cuda"
     from serving.loader import open_reader
 
-    from serving.expert_parallel.s3 import cache_root
+    cache = m.cache_dir
+    if cache is None and m.weights_source.startswith("s3://"):
+        from serving.expert_parallel.s3 import cache_root
 
-    cache = m.cache_dir or str(cache_root() / "s3")  # private to this user (a shared /tmp path is not)
+        cache = str(cache_root() / "s3")  # private to this user (a shared /tmp path is not)
     reader = open_reader(m.weights_source, s3_endpoint_url=m.s3_endpoint_url, cache_dir=cache)
     try:
         return ImageSupport.from_pretrained(m.path, tokenizer, dtype, device, reader)
