@@ -78,3 +78,29 @@ class SlotTables:
         from serving.model import Batch
 
         return Batch.build([self.span(*s) for s in spans], device, self.chunk, self.bs)
+
+
+def deploy_app(name: str, port: int, max_model_len: int = 96, **args) -> str:
+    """Deploy herd's app (`build_app` with `args`) at / on the session's Serve and wait until /health says a
+    replica is up; returns the base URL."""
+    import httpx
+    from ray import serve
+
+    from serving.app import build_app
+
+    args.setdefault("max_model_len", max_model_len)
+    args.setdefault("dtype", "float32")
+    args.setdefault("served_model_name", "scout-tiny")
+    args.setdefault("app_name", name)
+    args.setdefault("replica_num_cpus", 0.25)
+    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"app {name} did not answer on {base} within 120 s")

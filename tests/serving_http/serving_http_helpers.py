@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from herd_testing import deploy_app as _deploy_app
 from herd_testing import free_port  # noqa: F401  (re-exported for the test modules)
 
 MAX_MODEL_LEN = 96
@@ -12,27 +13,7 @@ API_IDENTITY = "team-search"
 
 def deploy_app(name: str, port: int, **args):
     """Deploy herd's app (build_app with `args`) at / and wait until it answers; returns the base URL."""
-    import httpx
-    from ray import serve
-
-    from serving.app import build_app
-
-    args.setdefault("max_model_len", MAX_MODEL_LEN)
-    args.setdefault("dtype", "float32")
-    args.setdefault("served_model_name", "scout-tiny")
-    args.setdefault("app_name", name)
-    args.setdefault("replica_num_cpus", 0.25)
-    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"app {name} did not answer on {base} within 120 s")
+    return _deploy_app(name, port, MAX_MODEL_LEN, **args)
 
 
 def delete_app(name: str) -> None:
