@@ -10,7 +10,8 @@ MAX_MODEL_LEN = 96
 
 def deploy(name: str, port: int, **args) -> str:
     """Deploy herd's app with `args` and wait until a replica is up; returns the URL."""
-    return deploy_app(name, port, MAX_MODEL_LEN, **args)
+    args.setdefault("max_model_len", MAX_MODEL_LEN)
+    return deploy_app(name, port, **args)
 
 
 def keys_file(folder) -> str:

@@ -13,7 +13,8 @@ API_IDENTITY = "team-search"
 
 def deploy_app(name: str, port: int, **args):
     """Deploy herd's app (build_app with `args`) at / and wait until it answers; returns the base URL."""
-    return _deploy_app(name, port, MAX_MODEL_LEN, **args)
+    args.setdefault("max_model_len", MAX_MODEL_LEN)
+    return _deploy_app(name, port, **args)
 
 
 def delete_app(name: str) -> None:
