@@ -11,7 +11,6 @@ from __future__ import annotations
 import statistics
 
 import torch
-
 import torch.nn.functional as F
 
 from serving.expert_parallel.exchange import ExpertExchange, ExpertShard, LayerRoute
