@@ -465,6 +465,19 @@ class Transformer(nn.Module):
             n = chunked_blocks if layer.self_attn.use_rope else global_blocks
             layer.self_attn.allocate_cache(n, block_size, dtype or w.dtype, w.device)
 
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:
+        """Copy KV-cache blocks, (kind, source, destination) with kind "global" or "chunked" (the layers whose pool
+        holds them): a forked sample's own copy of its prompt's partial last block."""
+        for layer in self.layers:
+            kind = "chunked" if layer.self_attn.use_rope else "global"
+            pairs = [(src, dst) for k, src, dst in copies if k == kind]
+            if pairs:
+                attn = layer.self_attn
+                src_B, dst_B = (torch.tensor(ix, device=attn.cache_k.device) for ix in zip(*pairs))
+                attn.cache_k.index_copy_(0, dst_B, attn.cache_k.index_select(0, src_B))
+                attn.cache_v.index_copy_(0, dst_B, attn.cache_v.index_select(0, src_B))
+
     def step_tables(self, positions_T: torch.Tensor) -> StepTables:
         freqs_TF = positions_T[:, None].float() * self.inv_freq[None, :]
         scale_T = None

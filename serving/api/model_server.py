@@ -3,8 +3,9 @@
 `generate(job)` is a streaming method the ingress calls through a Serve handle. It checks what needs the
 tokenizer (chat template, context length, token ids), runs the request, and yields plain dicts:
   - `{"error": ApiError dict}` alone when the request is refused before it starts (400, 503);
-  - else items with `text`, `completion_tokens`, `finish_reason`, `failed`, the first also `prompt_tokens`
-    (streamed: one per engine delta; not streamed: a single item with the whole answer).
+  - else items with `text`, `completion_tokens`, `finish_reason`, `failed`, `index` (the sample, n > 1) and
+    `last` (the stream's final item), the first also `prompt_tokens` (streamed: one per engine delta; not
+    streamed: one item per sample with its whole answer).
 If the caller goes away (the ingress cancels the stream when its client disconnects) the engine request is
 aborted, which frees its KV slot. The replica also keeps its metrics and pushes them to the app's MetricsHub.
 """
@@ -127,40 +128,46 @@ class ModelServer:
         finished = False
         from serving.api.answer import Answer
 
-        answer = Answer(self.llm.tokenizer, job, prompt_ids)  # text, logprobs, tool calls per item
+        # One Answer per sample (n > 1: the engine's deltas interleave, told apart by `index`; each item says its
+        # `index`, and the stream's last item has `last`).
+        answers = [Answer(self.llm.tokenizer, job, prompt_ids) for _ in range(params.n)]
         try:
             delta = await deltas.__anext__()
             tracker = _RequestTimes(self.metrics, t_arrival, len(prompt_ids))
             if job["stream"]:
                 # Each item costs a hop through Serve; with stream_interval_s > 0, deltas that arrive within the
                 # interval travel as one item (the first token is never held back).
-                interval, last_sent = self.args.stream_interval_s, 0.0
+                interval, last_sent, sent_any = self.args.stream_interval_s, [0.0] * params.n, False
                 while True:
                     tracker.on_delta(delta)
-                    finished = delta.finish_reason is not None
-                    answer.add(delta)
+                    finished, i = delta.finished, delta.index
+                    answers[i].add(delta)
                     now = time.monotonic()
-                    if finished or now - last_sent >= interval:
+                    if delta.finish_reason is not None or now - last_sent[i] >= interval:
                         item = _item(delta)
-                        item.update(answer.take(delta.finish_reason))
-                        if last_sent == 0.0:
+                        item.update(answers[i].take(delta.finish_reason), index=i, last=finished)
+                        if not sent_any:
                             item["prompt_tokens"] = len(prompt_ids)
-                        last_sent = now
+                        last_sent[i], sent_any = now, True
                         yield item
                     if finished:
                         break
                     delta = await deltas.__anext__()
             else:
+                last: dict[int, object] = {}
                 while True:
                     tracker.on_delta(delta)
-                    answer.add(delta)
-                    if delta.finish_reason is not None:
+                    answers[delta.index].add(delta)
+                    last[delta.index] = delta
+                    if delta.finished:
                         finished = True
                         break
                     delta = await deltas.__anext__()
-                item = _item(delta)
-                item.update(answer.take(delta.finish_reason), prompt_tokens=len(prompt_ids))
-                yield item
+                for i in range(params.n):
+                    item = _item(last[i])
+                    item.update(answers[i].take(last[i].finish_reason), prompt_tokens=len(prompt_ids), index=i,
+                                last=i == params.n - 1)
+                    yield item
         finally:
             if not finished:  # cancelled (client gone) or failed: free the sequence's slot now
                 await self.engine.abort(rid)
@@ -269,7 +276,7 @@ class _RequestTimes:
     """Turns one request's deltas into vLLM's timing metrics and token counters."""
 
     def __init__(self, m: ReplicaMetrics, arrival: float, n_prompt: int):
-        self.m, self.arrival, self.last = m, arrival, None
+        self.m, self.arrival, self.last = m, arrival, {}  # sample index -> when its latest token came
         m.inc("herd:prompt_tokens", float(n_prompt))
 
     def on_delta(self, d) -> None:
@@ -278,15 +285,15 @@ class _RequestTimes:
         arrival = d.arrival_time or self.arrival
         if k:
             self.m.inc("herd:generation_tokens", float(k))
-            if self.last is None:
+            if not self.last:  # the request's first token (of any sample)
                 self.m.observe("herd:time_to_first_token_seconds", (d.first_token_time or now) - arrival)
                 if d.queued_time is not None:
                     self.m.observe("herd:request_queue_time_seconds", d.queued_time)
-            else:
+            elif d.index in self.last:  # gaps between one sample's tokens (samples of n > 1 interleave)
                 for _ in range(k):  # tokens that arrived together share the gap
-                    self.m.observe("herd:inter_token_latency_seconds", (now - self.last) / k)
-            self.last = now
-        if d.finish_reason is not None:
+                    self.m.observe("herd:inter_token_latency_seconds", (now - self.last[d.index]) / k)
+            self.last[d.index] = now
+        if d.finished:  # the request's last delta (with n > 1, of its last sample)
             self.m.observe("herd:e2e_request_latency_seconds", now - arrival)
             self.m.inc("herd:request_success", 1.0, d.finish_reason)
 

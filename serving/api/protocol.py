@@ -2,7 +2,7 @@
 
 Requests are strict (no "10" for 10, no true for 1) and closed (an unknown field is a 400 with a "did you mean"),
 listing every field OpenAI's API defines so that clients such as the `openai` package and LangChain pass; fields
-herd does not implement (`n` > 1, `best_of`, `suffix`) are accepted only at their neutral value, and
+herd does not implement (`best_of` > 1, `suffix`) are accepted only at their neutral value, and
 anything else is a 400 naming the field. `check_chat` / `check_completion` then apply the rules pydantic cannot
 express (roles, content parts, tools, response formats) and turn the request into what the model replica runs:
 chat messages shaped for Llama 4's chat template (tool-call arguments as dicts, tool results in call order),
@@ -51,7 +51,8 @@ class _SamplingFields(_Closed):
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.")
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1.")
     top_k: Optional[int] = Field(None, ge=-1, description="vLLM extension: sample among the k likeliest; 0/-1 off.")
-    n: Optional[int] = Field(None, ge=1, le=128, description="Completions per prompt; herd serves n=1 for now.")
+    n: Optional[int] = Field(None, ge=1, le=128, description="Choices per prompt: the prompt is computed once and "
+                             "its cache blocks shared; with a seed, choice i samples with seed + i.")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 sequences that end the completion.")
     seed: Optional[int] = Field(None, ge=-(2 ** 63), lt=2 ** 64, description="Makes sampling reproducible.")
     stream: Optional[bool] = Field(False, description="Answer with server-sent events ending in [DONE].")
@@ -118,9 +119,6 @@ def known_fields(model: type[BaseModel]) -> dict[str, list[str]]:
 
 
 def _check_common(req: _SamplingFields) -> None:
-    if req.n not in (None, 1):
-        raise bad_request(f"n={req.n} is not supported yet: herd returns one choice per request for now; send n=1, "
-                          "or several requests with different seeds.", param="n", code="unsupported_value")
     if isinstance(req.stop, list) and len(req.stop) > MAX_STOP_SEQUENCES:
         raise bad_request(f"'stop' has {len(req.stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed.",
                           param="stop", code="invalid_value")
@@ -401,7 +399,7 @@ def sampling_fields(req: _SamplingFields) -> dict[str, Any]:
     """The request's sampling settings as SamplingParams keyword arguments (unset fields keep engine defaults)."""
     _check_common(req)
     out: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    for name in ("n", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
                  "min_p"):
         if getattr(req, name) is not None:
             out[name] = getattr(req, name)

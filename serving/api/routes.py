@@ -250,29 +250,36 @@ class OpenAIServer:
     async def _whole(self, req, kind: str, rid: str, firsts: list[dict], streams: list) -> Any:
         from fastapi.responses import JSONResponse
 
-        choices, pt, ct = [], 0, 0
-        for index, (first, items) in enumerate(zip(firsts, streams)):
+        n = req.n or 1
+        by_choice: dict[int, list[dict]] = {}  # choice index (prompt i's sample j is i * n + j) -> its items
+        pt, ct = 0, 0
+        for s, (first, items) in enumerate(zip(firsts, streams)):
+            pt += first["prompt_tokens"]  # once per prompt, however many samples
             parts = [first]
-            async for item in items:  # a non-streamed job sends one item, but tolerate more
+            async for item in items:  # one item per sample, but tolerate more
                 parts.append(item)
-            done = parts[-1]
+            for p in parts:
+                by_choice.setdefault(s * n + p.get("index", 0), []).append(p)
+        choices = []
+        for index in sorted(by_choice):
+            parts = by_choice[index]
+            head, done = parts[0], parts[-1]
             if done.get("failed"):
                 log.error("request %s failed in the engine", rid)
                 raise internal_error(rid)
             text = "".join(p.get("text", "") for p in parts)
             finish = P.openai_finish_reason(done["finish_reason"])
             lps = [pos for p in parts for pos in p.get("logprobs", ())]
-            pt += first["prompt_tokens"]
             ct += done["completion_tokens"]
             if kind == "chat":
                 calls = done.get("tool_calls")
-                logprobs = P.chat_logprobs(lps) if "logprobs" in first else None
+                logprobs = P.chat_logprobs(lps) if "logprobs" in head else None
                 choices.append(P.chat_choice(index, None if calls and not text else text, calls, logprobs, finish))
             else:
-                prefix = first.get("prompt_text", "")
+                prefix = head.get("prompt_text", "")
                 logprobs = None
-                if "logprobs" in first:
-                    logprobs = P.completion_logprobs((first.get("prompt_logprobs") or []) + lps)
+                if "logprobs" in head:
+                    logprobs = P.completion_logprobs((head.get("prompt_logprobs") or []) + lps)
                 choices.append(P.completion_choice(index, prefix + text, logprobs, finish))
         build = P.chat_response if kind == "chat" else P.completion_response
         return JSONResponse(build(rid, req.model, int(time.time()), choices, pt, ct))
@@ -285,12 +292,14 @@ class OpenAIServer:
 
     async def _sse(self, req, kind: str, rid: str, firsts: list[dict], streams: list):
         """SSE events: role chunk (chat), text chunks, a finish chunk per choice, the usage chunk if asked, [DONE].
-        With several prompts their chunks interleave, each with its choice `index`."""
+        With several prompts or samples (n) their chunks interleave, each with its choice `index` (prompt i's
+        sample j is choice i * n + j)."""
         model, created = req.model, int(time.time())
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
-        pt = sum(f["prompt_tokens"] for f in firsts)
-        cts = [0] * len(streams)
-        offsets = [0] * len(streams)  # completions text_offset so far, per choice
+        n = req.n or 1
+        pt = sum(f["prompt_tokens"] for f in firsts)  # once per prompt, however many samples
+        cts = [0] * (len(streams) * n)
+        offsets = [0] * (len(streams) * n)  # completions text_offset so far, per choice
 
         def event(obj: dict) -> str:
             return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
@@ -328,10 +337,11 @@ class OpenAIServer:
 
         try:
             if kind == "chat":
-                for index in range(len(streams)):
+                for index in range(len(streams) * n):
                     yield event(P.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None,
                                              with_usage, None, index))
-            async for index, item in _merge(firsts, streams):
+            async for s, item in _merge(firsts, streams):
+                index = s * n + item.get("index", 0)
                 cts[index] = item.get("completion_tokens", cts[index])
                 if item.get("failed"):
                     log.error("request %s failed in the engine mid-stream", rid)
@@ -349,13 +359,18 @@ class OpenAIServer:
             await _aclose_all(streams)
 
 
+def _ends(item: dict) -> bool:
+    """The stream's final item (all its samples done), or a failure."""
+    return bool(item.get("last", item.get("finish_reason")) or item.get("failed"))
+
+
 async def _merge(firsts: list[dict], streams: list):
-    """(index, item) from every stream until each has finished, in arrival order (one stream: in place)."""
+    """(stream, item) from every stream until each has finished, in arrival order (one stream: in place)."""
     if len(streams) == 1:
         item = firsts[0]
         while True:
             yield 0, item
-            if item.get("finish_reason") or item.get("failed"):
+            if _ends(item):
                 return
             try:
                 item = await streams[0].__anext__()
@@ -368,7 +383,7 @@ async def _merge(firsts: list[dict], streams: list):
         try:
             while True:
                 await queue.put((index, item))
-                if item.get("finish_reason") or item.get("failed"):
+                if _ends(item):
                     break
                 item = await streams[index].__anext__()
         except StopAsyncIteration:

@@ -81,8 +81,9 @@ class AsyncLLMEngine:
                     sampling_params: SamplingParams | None = None,
                     cache_salt: str | None = None) -> AsyncIterator[RequestDelta]:
         """Start a request (call it from the event loop); `async for` over the result yields its deltas, the last
-        with `finish_reason` set. `prompt` may be a vLLM-style dict with images (`multi_modal_data`). Raises ValueError for bad input and QueueFullError when the waiting queue is
-        full, at the call itself.
+        with `finished` set (with n > 1 the samples' deltas interleave, told apart by `index`, each sample's last
+        with its `finish_reason`). `prompt` may be a vLLM-style dict with images (`multi_modal_data`). Raises
+        ValueError for bad input and QueueFullError when the waiting queue is full, at the call itself.
         """
         stream = self._submit(request_id, prompt, sampling_params, cache_salt)
         return self._iterate(request_id, stream)
@@ -111,7 +112,7 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finish_reason is not None:
+                if item.finished:  # with n > 1, each sample's last delta has a finish_reason; this is the last
                     return
         finally:
             # The consumer went away early (client disconnect): stop the request and free its cache.
@@ -180,7 +181,7 @@ class AsyncLLMEngine:
     def _deliver(self, request_id: str, item) -> None:
         with self._streams_lock:
             target = self._streams.get(request_id)
-            if isinstance(item, RequestDelta) and item.finish_reason is not None or isinstance(item, BaseException):
+            if isinstance(item, RequestDelta) and item.finished or isinstance(item, BaseException):
                 self._streams.pop(request_id, None)
         if target is not None:
             loop, stream = target

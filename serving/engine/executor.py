@@ -34,6 +34,8 @@ class SeqChunk:
     chunk_start: int = 0
     chunked_blocks: list[int] = field(default_factory=list)
     mm_embeds: tuple[list[int], torch.Tensor] | None = None  # image rows: (offsets in token_ids, [R, D] embeddings)
+    # (kind, source, destination) blocks to copy on its node before the step: a forked sample's partial block
+    block_copies: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 class Executor(Protocol):
@@ -96,6 +98,9 @@ class LocalExecutor:
                 raise ValueError(f"sequence {c.seq_id} reaches position {end}, beyond max_model_len "
                                  f"({self.max_model_len})")
             spans.append((c.token_ids, c.start_pos, c.need_logits, c.global_blocks, c.chunk_start, c.chunked_blocks))
+        copies = [c for chunk in chunks for c in chunk.block_copies]
+        if copies:  # before the forward writes anything: a source may be a block another sequence appends to
+            self.model.copy_blocks(copies)
         batch = Batch.build(spans, self.device, self.cfg.attention_chunk_size, self.kv_plan.block_size)
         batch.workspace = self.workspace
         if any(c.mm_embeds is not None for c in chunks):

@@ -223,6 +223,9 @@ class SeqBlocks:
     chunked_blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # keys of its full blocks, in order
     registered: int = 0  # how many of them are indexed (global pool); chunked ones are indexed as they fill
+    # A forked sequence's partial last block, (kind, source, destination): copied on the device at the start of
+    # its first step; the source is held until then, so nobody can take and overwrite it first.
+    copies: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 class KVCacheManager:
@@ -386,11 +389,63 @@ class KVCacheManager:
             if i < upto and i < len(s.keys):
                 pools[CHUNKED].register(b, s.keys[i])
 
+    # ---- fork (n samples of one prompt) ------------------------------------------------------------------
+    def fork(self, parent: int, child: int, num_computed: int) -> bool:
+        """Make `child` hold what `parent` computed of its first `num_computed` tokens, without computing them
+        again: full blocks are shared; the partial last block gets a copy (a block of the child's own, which
+        `pending_copies` hands to the device before the child's first step). False, taking nothing, when the
+        parent's node has no free block for that copy."""
+        s = self.seqs[parent]
+        pools = self.pools[s.node]
+        full, partial = divmod(num_computed, self.bs)
+        kinds = []  # (kind, the parent's blocks holding [start, num_computed), first block of the table)
+        if self.plan.global_layers:
+            kinds.append((GLOBAL, s.global_blocks, 0))
+        if self.plan.chunked_layers:
+            kinds.append((CHUNKED, s.chunked_blocks, s.chunk_start // self.bs))
+        if partial and any(pools[kind].num_free < 1 for kind, _, _ in kinds):
+            return False
+        c = SeqBlocks(s.node, s.extra, chunk_start=s.chunk_start, keys=list(s.keys[:full]),
+                      registered=min(s.registered, full))
+        for kind, blocks, first in kinds:
+            held = blocks[:full - first]
+            for b in held:
+                pools[kind].share(b)
+            table = list(held)
+            if partial:
+                src = blocks[full - first]
+                pools[kind].share(src)  # released by copies_done (or free) once the copy has run
+                dst = pools[kind].take(1)[0]
+                c.copies.append((kind, src, dst))
+                table.append(dst)
+            if kind == GLOBAL:
+                c.global_blocks = table
+            else:
+                c.chunked_blocks = table
+        self.seqs[child] = c
+        return True
+
+    def pending_copies(self, seq_id: int) -> list[tuple[str, int, int]]:
+        """Block copies the device must make before this sequence's next step (a fork's partial block)."""
+        return list(self.seqs[seq_id].copies)
+
+    def copies_done(self, seq_id: int) -> None:
+        """The device made the sequence's copies: let go of their sources."""
+        s = self.seqs.get(seq_id)
+        if s is not None and s.copies:
+            self._release_sources(s)
+
+    def _release_sources(self, s: SeqBlocks) -> None:
+        for kind, src, _ in s.copies:
+            self.pools[s.node][kind].release([src])
+        s.copies = []
+
     # ---- release -----------------------------------------------------------------------------------------
     def free(self, seq_id: int) -> None:
         s = self.seqs.pop(seq_id, None)
         if s is None:
             return
+        self._release_sources(s)
         pools = self.pools[s.node]
         pools[GLOBAL].release(s.global_blocks)
         pools[CHUNKED].release(s.chunked_blocks)

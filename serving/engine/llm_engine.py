@@ -21,7 +21,7 @@ from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.errors import WorkerDiedError
 from serving.engine.outputs import (CompletionOutput, EngineStats, Logprob, RequestDelta, RequestMetrics,
                                     RequestOutput)
-from serving.engine.params import SamplingParams
+from serving.engine.params import SamplingParams, sample_seed
 from serving.engine.sampling import choose_tokens, top_logprobs
 from serving.engine.scheduler import Request, RequestStatus, Scheduler
 
@@ -143,18 +143,30 @@ class LLMEngine:
                              "kv_cache_memory_bytes")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        # A CPU generator on purpose: the sampler draws seeded rows on it, so a seed means the same on every device.
-        gen = torch.Generator(device="cpu").manual_seed(params.seed) if params.seed is not None else None
         bad = [t for t in params.logit_bias or () if t >= self.config.vocab_size]
         if bad:
             raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        grammar = self.grammars.new_state(params.structured_outputs) if params.structured_outputs else None
-        return Request(request_id, next(self._seq_ids), text, ids, params, max_tokens,
-                       RequestMetrics(arrival_time or time.time()),
-                       IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), gen,
-                       logprobs=[] if params.logprobs is not None else None, grammar=grammar,
-                       prompt_logprobs=[None] if params.prompt_logprobs is not None else None, images=images,
-                       cache_key=_cache_key(cache_salt, images))
+        arrival, cache_key = arrival_time or time.time(), _cache_key(cache_salt, images)
+
+        def sample(index: int) -> Request:
+            seed = sample_seed(params.seed, index)
+            # A CPU generator on purpose: the sampler draws seeded rows on it, so a seed means the same on every
+            # device.
+            gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+            grammar = self.grammars.new_state(params.structured_outputs) if params.structured_outputs else None
+            return Request(request_id, next(self._seq_ids), text, ids, params, max_tokens, RequestMetrics(arrival),
+                           IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens), gen,
+                           logprobs=[] if params.logprobs is not None else None, grammar=grammar,
+                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None, images=images,
+                           cache_key=cache_key, index=index)
+
+        req = sample(0)
+        if params.n > 1:  # the other samples wait for sample 0's prompt, then fork from it (_fork_samples)
+            req.group = [req] + [sample(i) for i in range(1, params.n)]
+            req.held = req.group[1:]
+            for other in req.held:
+                other.group = req.group
+        return req
 
     @property
     def grammars(self):
@@ -177,12 +189,14 @@ class LLMEngine:
         self.prompt_tokens_total += len(req.prompt_token_ids)
 
     def abort_request(self, request_id: str | Sequence[str]) -> None:
-        """Stop requests now and free their cache; each is reported once more with finish_reason "abort"."""
+        """Stop requests now and free their cache; each (each sample, with n > 1) is reported once more with
+        finish_reason "abort"."""
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             req = self._requests.get(rid)
-            if req is not None:
-                self._finish(req, "abort")
-                self._pending.append(req)
+            for sample in req.samples if req is not None else ():
+                if not sample.finished:
+                    self._finish(sample, "abort")
+                    self._pending.append(sample)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
@@ -192,12 +206,22 @@ class LLMEngine:
 
     # ---- stepping --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; outputs of every request that gained tokens or finished."""
-        return [self._output(r) for r in self._step()]
+        """Run one step; outputs of every request that gained tokens or finished (one per request, all its
+        samples in it)."""
+        firsts = {id(r.samples[0]): r.samples[0] for r in self._step()}
+        return [self._output(r) for r in firsts.values()]
 
     def step_deltas(self) -> list[RequestDelta]:
-        """Run one step; what each changed request gained since its previous delta (for streaming)."""
-        return [self._delta(r) for r in self._step()]
+        """Run one step; what each changed sequence gained since its previous delta (for streaming): one delta
+        per sample (`index`), and `finished` on the last delta of a request whose samples are all done."""
+        changed = self._step()
+        deltas = [self._delta(r) for r in changed]
+        seen: set[int] = set()
+        for req, delta in zip(reversed(changed), reversed(deltas)):
+            group = id(req.samples[0])
+            delta.finished = group not in seen and all(r.finished for r in req.samples)
+            seen.add(group)
+        return deltas
 
     def _step(self) -> list[Request]:
         changed, self._pending = self._pending, []
@@ -219,6 +243,8 @@ class LLMEngine:
             return changed + self._fail_step(pieces, exc)
         done = [p for p in pieces if p.chunk.need_logits]
         for p in pieces:
+            if p.chunk.block_copies:
+                self.kv.copies_done(p.request.seq_id)
             self.prompt_tokens_computed += max(0, min(p.chunk.start_pos + len(p.chunk.token_ids),
                                                       len(p.request.prompt_token_ids)) - p.chunk.start_pos)
             p.request.num_computed += len(p.chunk.token_ids)
@@ -229,6 +255,8 @@ class LLMEngine:
         if any(r.prompt_logprobs is not None for r in reqs):  # prompt pieces of echo requests: score, no token
             rows = [i for i, r in enumerate(reqs) if not self._score_prompt_token(r, logits_NV[i])]
             reqs, logits_NV = [reqs[i] for i in rows], logits_NV[rows]
+        if any(r.held for r in reqs):  # n > 1: the prompt is done; its other samples start from these logits
+            reqs, logits_NV = self._fork_samples(reqs, logits_NV)
         tokens = self._choose_tokens(logits_NV, [r.params for r in reqs], [r.generator for r in reqs],
                                [(r.prompt_token_ids, r.output_token_ids) if r.params.adjusts_logits else None
                                 for r in reqs], [r.grammar for r in reqs])
@@ -236,6 +264,33 @@ class LLMEngine:
             self._append_or_fail(req, token, logits_NV[i])
             changed.append(req)
         return changed
+
+    def _fork_samples(self, reqs: list[Request], logits_NV: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        """Start the held samples of requests whose prompt just finished computing: each shares the prompt's
+        blocks (its partial last block copied) and samples its first token from the same logits row, so the
+        prompt is computed once for all n. A sample that finds no free block or no free `max_num_seqs` place
+        waits in the queue like a new request instead (its prompt then comes from the prefix cache, all but the
+        last block)."""
+        out, rows = [], []
+        for row, req in enumerate(reqs):
+            out.append(req)
+            rows.append(row)
+            held, req.held = req.held, []
+            for sample in held:
+                if sample.finished:
+                    continue
+                if req.prompt_logprobs is not None:
+                    sample.prompt_logprobs = list(req.prompt_logprobs)
+                sample.metrics.first_scheduled_time = req.metrics.first_scheduled_time
+                if self.kv.fork(req.seq_id, sample.seq_id, req.num_computed):
+                    if self.scheduler.start_forked(sample):
+                        sample.num_computed = req.num_computed
+                        out.append(sample)
+                        rows.append(row)
+                        continue
+                    self.kv.free(sample.seq_id)
+                self.scheduler.waiting.appendleft(sample)
+        return out, logits_NV[rows]
 
     def _score_prompt_token(self, req: Request, logits_V: torch.Tensor) -> bool:
         """For a request with prompt_logprobs, still inside its prompt: log-probabilities of the next prompt token.
@@ -364,14 +419,23 @@ class LLMEngine:
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.metrics.finished_time = time.time()
         self.scheduler.remove(req)  # and its KV-cache blocks
-        self._requests.pop(req.request_id, None)
+        held, req.held = req.held, []
+        for sample in held:  # failed or aborted before its prompt was done: its other samples cannot start
+            sample.error = req.error
+            self._finish(sample, reason)
+            self._pending.append(sample)
+        if all(r.finished for r in req.samples):
+            self._requests.pop(req.request_id, None)
 
     # ---- outputs ---------------------------------------------------------------------------------
     def _output(self, req: Request) -> RequestOutput:
-        completion = CompletionOutput(0, req.output_text, req.output_token_ids, req.finish_reason, req.stop_reason,
-                                      list(req.logprobs) if req.logprobs is not None else None, req.error)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.finished,
-                             req.metrics, req.prompt_logprobs)
+        """The request's output: one CompletionOutput per sample, in index order."""
+        samples = req.samples
+        outputs = [CompletionOutput(r.index, r.output_text, r.output_token_ids, r.finish_reason, r.stop_reason,
+                                    list(r.logprobs) if r.logprobs is not None else None, r.error) for r in samples]
+        first = samples[0]
+        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, outputs,
+                             all(r.finished for r in samples), first.metrics, first.prompt_logprobs)
 
     def _streamable_text_len(self, req: Request) -> int:
         """Text that no stop string can still claim: hold back a possible stop string's beginning."""
@@ -392,6 +456,7 @@ class LLMEngine:
             req.metrics.first_token_time, req.metrics.queued_time)
         if req.prompt_logprobs is not None and req.sent_tokens == 0:
             delta.prompt_logprobs = req.prompt_logprobs
+        delta.index, delta.finished = req.index, req.finished
         req.sent_tokens, req.sent_text = len(out_ids), text_end
         return delta
 
@@ -411,7 +476,7 @@ class LLMEngine:
         wanted = set(ids)
         while wanted - final.keys():
             for req in self._step():  # build outputs for finished requests only: no per-step copies
-                if req.finished and req.request_id in wanted:
+                if req.request_id in wanted and all(r.finished for r in req.samples):
                     final[req.request_id] = self._output(req)
         return [final[rid] for rid in ids]
 

@@ -60,7 +60,7 @@ class RequestOutput:
 
     @property
     def num_generated_tokens(self) -> int:
-        return len(self.outputs[0].token_ids)
+        return sum(len(o.token_ids) for o in self.outputs)
 
 
 @dataclass
@@ -80,6 +80,8 @@ class RequestDelta:
     first_token_time: float | None = None
     queued_time: float | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # in the first delta only, when asked for
+    index: int = 0  # which sample (n > 1); each sample's deltas end with its own finish_reason
+    finished: bool = False  # the last delta of the request: every sample has finished
 
 
 @dataclass

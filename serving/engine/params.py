@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy, as in vLLM (_SAMPLING_EPS)
+MAX_N = 128  # samples per request (OpenAI's limit)
+
+
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """The seed sample `index` of an n > 1 request draws with: seed + index (vLLM's rule), wrapped into the
+    unsigned 64-bit range, so sample i equals a single request sent with that seed."""
+    if seed is None or index == 0:
+        return seed
+    out = seed + index
+    return out - 2 ** 64 if out >= 2 ** 64 else out
 
 
 @dataclass(frozen=True)
@@ -28,7 +38,7 @@ class StructuredOutputsParams:
 class SamplingParams:
     """Per-request sampling settings. Invalid values raise ValueError naming the field, the value and the rule."""
 
-    n: int = 1  # completions per prompt (only 1 is supported)
+    n: int = 1  # samples of the prompt: computed once, its blocks shared; sample i uses seed + i (sample_seed)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # nucleus: smallest set of tokens whose probability reaches top_p
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 = all
@@ -49,8 +59,8 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (got {self.n}); send separate requests for several completions")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer from 1 to {MAX_N}, got {self.n!r}")
         if not (self.temperature >= 0.0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):

@@ -58,6 +58,12 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    # n > 1: the request's samples. Each is a Request of its own (same request_id, `index` 0..n-1) and `group` is
+    # the list of all of them; sample 0 computes the prompt, the others are `held` by it until its logits are out,
+    # then fork from it (serving/engine/llm_engine.py).
+    index: int = 0
+    group: list["Request"] | None = None
+    held: list["Request"] = field(default_factory=list)
     # Streaming cursors: how much has been handed out already.
     sent_tokens: int = 0
     sent_text: int = 0
@@ -77,6 +83,15 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def samples(self) -> list["Request"]:
+        return self.group or [self]
+
+    @property
+    def prompt_scored(self) -> bool:
+        """Whether the prompt's log-probabilities, if wanted, are all known (so its blocks may come from cache)."""
+        return self.prompt_logprobs is None or len(self.prompt_logprobs) >= len(self.prompt_token_ids)
 
 
 @dataclass
@@ -110,6 +125,14 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request.seq_id)
 
+    def start_forked(self, req: Request) -> bool:
+        """Run a sample forked from a running one (its blocks already held); False when `max_num_seqs` run."""
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return True
+
     def _piece(self, req: Request, budget: int) -> SeqChunk:
         start = req.num_computed
         to_boundary = self.chunk_size - start % self.chunk_size
@@ -123,6 +146,7 @@ class Scheduler:
 
     def _with_blocks(self, chunk: SeqChunk) -> SeqChunk:
         chunk.node, chunk.global_blocks, chunk.chunk_start, chunk.chunked_blocks = self.kv.tables(chunk.seq_id)
+        chunk.block_copies = self.kv.pending_copies(chunk.seq_id)
         return chunk
 
     def _preempt(self, req: Request) -> None:
@@ -160,7 +184,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
             hit = self.kv.admit(req.seq_id, req.token_ids, req.cache_key,
-                                use_prefix=req.prompt_logprobs is None)  # scored prompts are computed in full
+                                use_prefix=req.prompt_scored)  # prompts being scored are computed in full
             if hit is None:
                 break
             req.num_computed = hit

@@ -87,7 +87,7 @@ def test_logprobs_are_the_models_distribution(maverick_engine, prompts):
 
 @pytest.mark.parametrize("field,value,match", [
     ("temperature", -0.5, "temperature"), ("top_p", 0.0, "top_p"), ("top_k", -3, "top_k"),
-    ("max_tokens", 0, "max_tokens"), ("stop", [""], "stop"), ("logprobs", 50, "logprobs"), ("n", 2, "n must be 1"),
+    ("max_tokens", 0, "max_tokens"), ("stop", [""], "stop"), ("logprobs", 50, "logprobs"), ("n", 0, "n must be an integer from 1 to 128"),
 ])
 def test_bad_sampling_params_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):

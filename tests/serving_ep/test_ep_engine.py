@@ -137,3 +137,25 @@ def test_kv_cache_budget_is_per_worker(ep4_engine, maverick_tiny):
     for held in ex.worker_bytes:
         assert held["kv_blocks"] == [48, 6]
         assert held["kv_cache_bytes"] == 3 * per_seq / 2 <= 1.5 * per_seq
+
+
+@pytest.mark.slow
+def test_n_samples_fork_on_the_node_holding_the_prompt(ep_engine, reference_engine):
+    """n > 1 under expert parallelism: the samples share the prompt's blocks on its node, the partial last block
+    is copied by that node's workers, and every sample equals the single-process engine's."""
+    ids = list(range(200, 245))  # 45 tokens: two full blocks and a partial one
+    computed = ep_engine.stats().prompt_tokens_computed
+    ep_engine.add_request("n3", ids, SamplingParams(n=3, seed=21, max_tokens=8, ignore_eos=True))
+    req = ep_engine._requests["n3"]
+    while not req.samples[-1].num_generated:
+        ep_engine.step()
+    assert len({ep_engine.kv.tables(r.seq_id)[0] for r in req.samples}) == 1
+    while ep_engine.has_unfinished_requests():
+        out = ep_engine.step()
+    assert ep_engine.stats().prompt_tokens_computed - computed == 45
+    (want,) = reference_engine.generate([ids], SamplingParams(n=3, seed=21, max_tokens=8, ignore_eos=True))
+    assert [o.token_ids for o in out[0].outputs] == [o.token_ids for o in want.outputs]
+    greedy = SamplingParams(n=2, temperature=0.0, max_tokens=8, ignore_eos=True)
+    (one,) = reference_engine.generate([ids], GREEDY)
+    (two,) = ep_engine.generate([ids], greedy)  # a wrong copy would make the second sample differ
+    assert [o.token_ids for o in two.outputs] == [one.outputs[0].token_ids[:8]] * 2
