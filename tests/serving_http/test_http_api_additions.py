@@ -246,15 +246,52 @@ def test_bounded_json_schema_validates_for_20_seeds(server):
         jsonschema.validate(json.loads(resp.choices[0].message.content), BOUNDED)
 
 
-def test_unsupported_schema_and_n_are_clear_400s(server):
+def test_unsupported_schema_is_a_clear_400(server):
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
         "a": {"type": "integer", "multipleOf": 3}}}}}
     r = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, json={"model": MODEL, "messages": ASK,
                                                                        "response_format": bad})
     err = r.json()["error"]
     assert r.status_code == 400 and "'multipleOf'" in err["message"] and "properties.a" in err["message"]
-    r = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, json={"model": MODEL, "messages": ASK, "n": 4})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+# ---- n choices -------------------------------------------------------------------------------------------------
+
+def _streamed_texts(chunks, chat: bool) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for ch in c.choices:
+            piece = (ch.delta.content or "") if chat else ch.text
+            texts[ch.index] = texts.get(ch.index, "") + piece
+    return texts
+
+
+def test_n_choices_equal_single_requests_with_derived_seeds(client):
+    """Choice j of a prompt samples with seed + j (documented); streamed equals whole; usage counts the prompt
+    once and every choice's tokens."""
+    kw = dict(model=MODEL, max_tokens=8, temperature=1.0, seed=77)
+    prompts = ["Llamas graze on", "The herd moved"]
+    many = client.completions.create(prompt=prompts, n=3, **kw)
+    assert [c.index for c in many.choices] == list(range(6))
+    singles = [client.completions.create(prompt=p, **dict(kw, seed=77 + j)) for p in prompts for j in range(3)]
+    assert [c.text for c in many.choices] == [s.choices[0].text for s in singles]
+    assert len({c.text for c in many.choices[:3]}) > 1  # three seeds, not three copies
+    assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens + singles[3].usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    chunks = list(client.completions.create(prompt=prompts, n=3, stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    assert _streamed_texts(chunks[:-1], chat=False) == {c.index: c.text for c in many.choices}
+    assert chunks[-1].usage.prompt_tokens == many.usage.prompt_tokens
+
+    chat = client.chat.completions.create(messages=ASK, n=2, logprobs=True, **kw)
+    assert [c.index for c in chat.choices] == [0, 1]
+    for j, choice in enumerate(chat.choices):
+        one = client.chat.completions.create(messages=ASK, logprobs=True, **dict(kw, seed=77 + j)).choices[0]
+        assert choice.message.content == one.message.content and choice.finish_reason == one.finish_reason
+        assert [t.logprob for t in choice.logprobs.content] == pytest.approx(
+            [t.logprob for t in one.logprobs.content], abs=1e-4)
+    streamed = _streamed_texts(client.chat.completions.create(messages=ASK, n=2, stream=True, **kw), chat=True)
+    assert streamed == {c.index: c.message.content for c in chat.choices}
 
 
 # ---- discoverability ------------------------------------------------------------------------------------------

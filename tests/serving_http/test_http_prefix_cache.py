@@ -61,3 +61,19 @@ def test_tenants_share_cached_prompt_blocks_only_with_themselves(server):
     bad = httpx.post(f"{server}/v1/completions", json={"model": "scout-tiny", "prompt": "x", "cache_salt": ""},
                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+
+
+@pytest.mark.slow
+def test_n_choices_admit_the_prompt_once(server):
+    """n=4 is one admission (the other three samples fork from its blocks), where four requests are four: the
+    prefix-cache query counter rises by the prompt length once for the n request."""
+    prompt = "Four answers from one prompt about llamas and alpacas, " * 3
+    q0, _ = _hits(server)
+    many = _complete(server, ALICE, prompt=prompt, n=4, seed=9, temperature=1.0)
+    pt = many["usage"]["prompt_tokens"]
+    singles = [_complete(server, ALICE, prompt=prompt, seed=9 + j, temperature=1.0) for j in range(4)]
+    q1, _ = _hits(server, at_least=q0 + 5 * pt)
+    time.sleep(1.5)  # one more push: nothing else is still counting
+    q1, _ = _hits(server, at_least=q1)
+    assert q1 - q0 == pt + 4 * pt  # 1 admission for n=4, 4 for the singles
+    assert [c["text"] for c in many["choices"]] == [s["choices"][0]["text"] for s in singles]
