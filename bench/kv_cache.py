@@ -9,6 +9,10 @@
     computed it (prefix caching).
 (c) Decode speed against the slot cache is measured by alternating runs of `bench.engine` at the commit before
     blocks and after (BENCHMARKS.md has the command and the medians): the slot cache's code is not kept.
+(d) `n` samples of one 1,000-token prompt (n=8): one request with n=8 (the prompt computed once, the samples fork
+    from its blocks) against eight single requests sent together with the seeds it derives (each computes the
+    prompt unless another has cached its blocks first). Medians of 5 alternating runs of the time until every
+    sample has its first token and until all finish; tokens must be equal.
 
     python -m bench.kv_cache                 # maverick-bench, created in ./checkpoints/ on first run
 """
@@ -30,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--slots", type=float, default=2.0, help="(a): the KV budget, in full max_model_len sequences")
     ap.add_argument("--system-len", type=int, default=1500, help="(b): tokens of the shared system prompt")
+    ap.add_argument("--n", type=int, default=8, help="(d): samples of one prompt")
+    ap.add_argument("--n-prompt-len", type=int, default=1000, help="(d): its tokens")
+    ap.add_argument("--n-runs", type=int, default=5, help="(d): alternating runs of each")
+    ap.add_argument("--only", choices=["a", "b", "d"], help="run one part")
     return ap.parse_args(argv)
 
 
@@ -109,6 +117,60 @@ def time_to_first_token(args, path: Path) -> None:
           f"prefix hits {st.prefix_cache_hits} of {st.prefix_cache_queries} prompt tokens", flush=True)
 
 
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _until_done(engine, ids: set[str]) -> tuple[dict, float, float]:
+    """Step until the requests finish; (tokens per (request, sample), seconds to every first token, to the end)."""
+    t0, first_all, tokens = time.perf_counter(), None, {}
+    while engine.has_unfinished_requests():
+        engine.step()
+        live = [r for rid in ids if rid in engine._requests for r in engine._requests[rid].samples]
+        if first_all is None and all(r.num_generated for r in live):
+            first_all = time.perf_counter() - t0
+        for r in live:
+            tokens[(r.request_id, r.index)] = r.output_token_ids
+    return tokens, first_all or 0.0, time.perf_counter() - t0
+
+
+def n_samples(args, path: Path) -> None:
+    from serving.engine import SamplingParams
+    from serving.engine.params import sample_seed
+
+    n, g = args.n, torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 2000, (args.n_prompt_len,), generator=g).tolist()
+    engine = _engine(path, max_num_seqs=n, max_model_len=2048, max_num_batched_tokens=2048)
+    kw = dict(max_tokens=16, ignore_eos=True)
+    engine.generate([list(range(10, 20))], SamplingParams(**kw))  # warm-up
+    rows = []
+    for run in range(args.n_runs):  # alternating: one n request, then n single requests
+        for kind in ("n", "singles"):
+            engine.kv.reset()  # nothing cached from the previous run
+            c0 = engine.stats().prompt_tokens_computed
+            if kind == "n":
+                engine.add_request(f"n{run}", ids, SamplingParams(n=n, seed=5, **kw))
+                rids = {f"n{run}"}
+            else:
+                rids = {f"s{run}-{i}" for i in range(n)}
+                for i in range(n):
+                    engine.add_request(f"s{run}-{i}", ids, SamplingParams(seed=sample_seed(5, i), **kw))
+            tokens, first, total = _until_done(engine, rids)
+            samples = [tokens[(f"n{run}", i)] for i in range(n)] if kind == "n" else \
+                [tokens[(f"s{run}-{i}", 0)] for i in range(n)]
+            rows.append((kind, first, total, engine.stats().prompt_tokens_computed - c0, samples))
+    engine.shutdown()
+    med = {k: [_median([r[j] for r in rows if r[0] == k]) for j in (1, 2)] for k in ("n", "singles")}
+    same = all(r[4] == rows[0][4] for r in rows)
+    computed = {r[0]: r[3] for r in rows}
+    print(f"(d) medians of {args.n_runs} alternating runs; n={n} samples of a {args.n_prompt_len}-token prompt, 16 tokens each: one n={n} request computes "
+          f"{computed['n']} prompt tokens, {n} single requests {computed['singles']}; every first token after "
+          f"{med['n'][0] * 1e3:.0f} ms vs {med['singles'][0] * 1e3:.0f} ms (ratio {med['n'][0] / med['singles'][0]:.3f}), "
+          f"all done after {med['n'][1] * 1e3:.0f} ms vs {med['singles'][1] * 1e3:.0f} ms (ratio "
+          f"{med['n'][1] / med['singles'][1]:.3f}); tokens equal: {same}", flush=True)
+    assert same, "the n request's samples differ from the single requests with the derived seeds"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -118,8 +180,12 @@ def main(argv=None) -> None:
     path = ensure_checkpoint("maverick-bench", args.checkpoint)
     cfg = TextConfig.from_pretrained(path)
     print(f"machine: {torch.get_num_threads()} threads; maverick-bench, fp32, block size 16", flush=True)
-    concurrency(args, path, cfg)
-    time_to_first_token(args, path)
+    if args.only in (None, "a"):
+        concurrency(args, path, cfg)
+    if args.only in (None, "b"):
+        time_to_first_token(args, path)
+    if args.only in (None, "d"):
+        n_samples(args, path)
 
 
 if __name__ == "__main__":
