@@ -347,6 +347,9 @@ def _verdict(spec: ClusterSpec, cfg: TextConfig, layout: Layout, mem: GpuMemory,
     if spec.model.weight_dtype in ("fp8", "int4"):
         warnings.append(f"weight_dtype {spec.model.weight_dtype} is planned, but the herd engine serves bf16/fp32 "
                         "weights only today: herd render --target serve will refuse it")
+    if spec.model.kv_cache_dtype == "fp8":
+        warnings.append("kv_cache_dtype fp8 is planned, but the herd engine keeps the KV cache in the weights' dtype "
+                        "(bf16/fp32) today: herd render --target serve will refuse it")
     return reasons, fixes, warnings
 
 
@@ -380,7 +383,8 @@ def _kv_fixes(spec: ClusterSpec, cfg: TextConfig, layout: Layout, kv: KVCapacity
     if kv.longest_context_per_node >= 16:
         fixes.append(f"lower the context: set serving.max_context_len to {kv.longest_context_per_node} or less")
     if layout.kv_dtype != "fp8" and _fits(cfg, replace(layout, kv_dtype="fp8")):
-        fixes.append("halve the cache: set model.kv_cache_dtype to fp8")
+        fixes.append("halve the cache: set model.kv_cache_dtype to fp8 (planned; the engine keeps a bf16/fp32 cache "
+                     "today)")
     if layout.fraction < 0.95 and _fits(cfg, replace(layout, fraction=0.95)):
         fixes.append("set serving.gpu_memory_fraction to 0.95")
     n = _min_nodes(cfg, layout, s.redundant_experts)

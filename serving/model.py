@@ -145,7 +145,8 @@ class Batch:
     @classmethod
     def build(cls, spans: list[tuple[list[int], int, bool, list[int], int, list[int]]], device: torch.device | str,
               chunk_size: int, block_size: int) -> "Batch":
-        """From (token_ids, start_pos, need_logits, global blocks, chunk start, chunked blocks) per sequence.
+        """From (token_ids, start_pos, need_logits, global blocks, chunk start, chunked blocks) per sequence;
+        need_logits is a bool (the last position's logits) or a count k (the last k positions', e.g. a scored prompt).
 
         A piece must not cross an attention-chunk boundary (the scheduler splits prefill there): its chunked-layer
         keys all live in the blocks of one chunk.
@@ -163,7 +164,7 @@ class Batch:
             tokens.extend(ids)
             positions.extend(range(start, start + n))
             if need_logits:
-                logits_idx.append(len(tokens) - 1)
+                logits_idx.extend(range(len(tokens) - int(need_logits), len(tokens)))
         decode = [s for s in seq_spans if s.length == 1]
         prefill = [s for s in seq_spans if s.length > 1]
         as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731

@@ -34,6 +34,9 @@ class SeqChunk:
     chunk_start: int = 0
     chunked_blocks: list[int] = field(default_factory=list)
     mm_embeds: tuple[list[int], torch.Tensor] | None = None  # image rows: (offsets in token_ids, [R, D] embeddings)
+    # With need_logits: how many of its last positions' logits (more than 1 for a prompt whose log-probabilities
+    # are asked for: each position's logits score the next prompt token).
+    num_logits: int = 1
     # (kind, source, destination) blocks to copy on its node before the step: a forked sample's partial block
     block_copies: list[tuple[str, int, int]] = field(default_factory=list)
 
@@ -43,7 +46,7 @@ class Executor(Protocol):
     num_nodes: int  # nodes with a cache of their own (1 in one process)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """float32 logits [number of chunks with need_logits, V], in chunk order."""
+        """float32 logits [rows, V]: each need_logits chunk's last num_logits positions, in chunk order."""
 
     def routed_token_counts(self) -> torch.Tensor:
         """int64 [num_moe_layers, num_experts], cumulative."""
@@ -97,7 +100,8 @@ class LocalExecutor:
             if end > self.max_model_len:
                 raise ValueError(f"sequence {c.seq_id} reaches position {end}, beyond max_model_len "
                                  f"({self.max_model_len})")
-            spans.append((c.token_ids, c.start_pos, c.need_logits, c.global_blocks, c.chunk_start, c.chunked_blocks))
+            spans.append((c.token_ids, c.start_pos, c.num_logits if c.need_logits else 0, c.global_blocks,
+                          c.chunk_start, c.chunked_blocks))
         copies = [c for chunk in chunks for c in chunk.block_copies]
         if copies:  # before the forward writes anything: a source may be a block another sequence appends to
             self.model.copy_blocks(copies)

@@ -251,10 +251,19 @@ class LLMEngine:
             self.kv.computed(p.request.seq_id, p.request.token_ids, p.request.num_computed)
         if not done:
             return changed
-        reqs = [p.request for p in done]
-        if any(r.prompt_logprobs is not None for r in reqs):  # prompt pieces of echo requests: score, no token
-            rows = [i for i, r in enumerate(reqs) if not self._score_prompt_token(r, logits_NV[i])]
-            reqs, logits_NV = [reqs[i] for i in rows], logits_NV[rows]
+        # Rows: each done piece's last num_logits positions. A scored prompt's rows give its tokens' log-
+        # probabilities; a piece's last row samples when it reached the sequence's end (else it is mid-prompt).
+        reqs, rows, row = [], [], 0
+        for p in done:
+            k = p.chunk.num_logits
+            if p.request.prompt_logprobs is not None:
+                self._score_prompt(p.request, p.chunk, logits_NV[row:row + k])
+            if p.request.num_computed == len(p.request.token_ids):
+                reqs.append(p.request)
+                rows.append(row + k - 1)
+            row += k
+        if len(rows) != row:
+            logits_NV = logits_NV[rows]
         if any(r.held for r in reqs):  # n > 1: the prompt is done; its other samples start from these logits
             reqs, logits_NV = self._fork_samples(reqs, logits_NV)
         tokens = self._choose_tokens(logits_NV, [r.params for r in reqs], [r.generator for r in reqs],
@@ -292,19 +301,16 @@ class LLMEngine:
                 self.scheduler.waiting.appendleft(sample)
         return out, logits_NV[rows]
 
-    def _score_prompt_token(self, req: Request, logits_V: torch.Tensor) -> bool:
-        """For a request with prompt_logprobs, still inside its prompt: log-probabilities of the next prompt token.
-
-        The scheduler runs such prompts one token a step (the executor returns the last position's logits only).
-        """
-        if req.prompt_logprobs is None or req.num_computed >= len(req.token_ids):
-            return False
-        if len(req.prompt_logprobs) != req.num_computed:  # already scored before a preemption: recomputing
-            return req.num_computed < len(req.prompt_token_ids)
-        token = req.token_ids[req.num_computed]
-        req.prompt_logprobs.append({t: Logprob(lp, rank, self._decode_one(t))
-                                    for t, lp, rank in top_logprobs(logits_V, token, req.params.prompt_logprobs)})
-        return True
+    def _score_prompt(self, req: Request, chunk, logits_KV: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens a scored piece's rows predict (the row of position q scores token
+        q + 1); tokens already scored before a preemption are not scored again."""
+        end, k = chunk.start_pos + len(chunk.token_ids), logits_KV.shape[0]
+        for j in range(k):
+            target = end - k + j + 1
+            if target < len(req.prompt_token_ids) and target == len(req.prompt_logprobs):
+                token = req.token_ids[target]
+                req.prompt_logprobs.append({t: Logprob(lp, rank, self._decode_one(t)) for t, lp, rank in
+                                            top_logprobs(logits_KV[j], token, req.params.prompt_logprobs)})
 
     def _choose_tokens(self, logits_NV: torch.Tensor, params: list, generators: list, *per_row) -> list[int | None]:
         """`choose_tokens` for the batch; if it fails, row by row, so only the rows that fail get None."""

@@ -27,6 +27,11 @@ from serving.engine.outputs import PositionLogprobs, RequestMetrics
 from serving.engine.params import SamplingParams
 
 
+# Logits rows a step returns for scored prompts (echo + logprobs): each is a [vocab] float32 row (800 KB with Llama
+# 4's 202,048 tokens), so a long prompt is scored over a few steps rather than holding them all at once.
+SCORED_ROWS_PER_STEP = 256
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -113,6 +118,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
         self.num_preemptions = 0
+        self._score_rows = SCORED_ROWS_PER_STEP  # left in this step (see _piece)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -137,10 +143,12 @@ class Scheduler:
         start = req.num_computed
         to_boundary = self.chunk_size - start % self.chunk_size
         n = min(len(req.token_ids) - start, budget, to_boundary)
-        if req.prompt_logprobs is not None and start < len(req.prompt_token_ids) \
-                and len(req.prompt_logprobs) < len(req.prompt_token_ids):
-            # Every prompt position's logits are wanted and the executor returns a piece's last one: 1-token pieces.
-            return SeqChunk(req.seq_id, req.token_ids[start:start + 1], start, need_logits=True)
+        if not req.prompt_scored and start < len(req.prompt_token_ids):
+            # Every prompt position's logits are wanted (each scores the next prompt token): a piece asks for all
+            # of its rows, so it stops at the prompt's end and at SCORED_ROWS_PER_STEP rows ([rows, vocab] floats).
+            n = min(n, len(req.prompt_token_ids) - start, max(self._score_rows, 1))
+            self._score_rows -= n
+            return SeqChunk(req.seq_id, req.token_ids[start:start + n], start, need_logits=True, num_logits=n)
         end = start + n
         return SeqChunk(req.seq_id, req.token_ids[start:end], start, need_logits=end == len(req.token_ids))
 
@@ -161,6 +169,7 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledPiece]:
         budget = self.max_num_batched_tokens
+        self._score_rows = SCORED_ROWS_PER_STEP
         out: list[ScheduledPiece] = []
         preempted = False
         for req in list(self.running):

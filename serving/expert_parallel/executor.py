@@ -54,7 +54,7 @@ class EPExecutor:
     # ---- Executor interface ------------------------------------------------------------------------------
     def execute(self, chunks: list) -> torch.Tensor:
         per_node: list[list] = [[] for _ in range(self.nodes)]
-        order: list[tuple[int, int]] = []  # (node, index among that node's logits) per need_logits chunk
+        order: list[tuple[int, int]] = []  # (node, index among that node's logits) per logits row
         counts = [0] * self.nodes
         for c in chunks:
             end = c.start_pos + len(c.token_ids)
@@ -63,7 +63,7 @@ class EPExecutor:
                                  f"({self.max_model_len})")
             node = c.node  # the engine's block manager placed the sequence (its blocks live on that node)
             per_node[node].append(c)
-            if c.need_logits:
+            for _ in range(c.num_logits if c.need_logits else 0):
                 order.append((node, counts[node]))
                 counts[node] += 1
         sync = time.monotonic() - self._counts_synced_at >= self.counts_sync_interval_s

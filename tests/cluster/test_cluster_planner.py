@@ -110,9 +110,21 @@ def test_context_too_long_fix_lowers_it_to_a_context_that_fits(cluster_doc):
     assert ctx == p.kv.longest_context_per_node
     assert _plan(cluster_doc, **{**doc, "max_context_len": ctx}).fits
     assert not _plan(cluster_doc, **{**doc, "max_context_len": ctx + 64}).fits
-    assert "halve the cache: set model.kv_cache_dtype to fp8" in p.fixes
+    assert "halve the cache: set model.kv_cache_dtype to fp8 (planned; the engine keeps a bf16/fp32 cache today)" \
+        in p.fixes
+    # Planned as asked, and said plainly: what the engine would refuse at render time.
+    doc = cluster_doc(preset="scout", dtype="bf16")
+    doc["model"]["kv_cache_dtype"] = "fp8"
+    fp8 = plan(parse_cluster(doc))
+    assert fp8.fits and fp8.kv.bytes_per_token_within_chunk * 2 == p_bf16_kv(cluster_doc)
+    assert any(w.startswith("kv_cache_dtype fp8 is planned, but the herd engine keeps the KV cache in the weights' "
+                            "dtype (bf16/fp32) today: herd render --target serve will refuse it") for w in fp8.warnings)
     assert "add nodes: set serving.nodes_per_replica to 2 (and node_groups[0].count to at least 2; fewer experts " \
            "per GPU leaves more cache)" in p.fixes
+
+
+def p_bf16_kv(cluster_doc) -> int:
+    return plan(parse_cluster(cluster_doc(preset="scout", dtype="bf16"))).kv.bytes_per_token_within_chunk
 
 
 def test_the_node_fix_fits_when_applied(cluster_doc):

@@ -91,7 +91,7 @@ def test_streamed_samples_each_end_and_the_request_ends_once(engine, prompts):
         assert len(firsts) == 1 and len(firsts[0]) == 40
         assert [None if p is None else sorted(p) for p in firsts[0]] == \
             [None if p is None else sorted(p) for p in [d.prompt_logprobs for d in deltas if d.prompt_logprobs][0]]
-    # The scored prompt was computed once (one token a step), then shared: the same values in every sample.
+    # The scored prompt was computed once, then shared: the same values in every sample.
     (ref,) = engine.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1))
     got = [d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None]
     for pos in range(1, 40):

@@ -70,10 +70,20 @@ def test_unsupported_schema_keywords_are_named(scout_engine, schema, words):
             json=schema)))
 
 
-def test_prompt_and_output_logprobs_equal_transformers(scout_tiny, scout_engine, reference, prompts):
-    prompt = prompts(9, seed=4)
-    out = scout_engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4, logprobs=5,
-                                                         prompt_logprobs=5, repetition_penalty=1.5))[0]
+@pytest.mark.parametrize("length", [9, 75])
+def test_prompt_and_output_logprobs_equal_transformers(scout_tiny, scout_engine, reference, prompts, length):
+    """Every prompt position is scored from the piece that computes it: a 75-token prompt over 32-token attention
+    chunks takes 3 steps to its first token (it took 75 when the executor returned one row per piece)."""
+    prompt = prompts(length, seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=5, prompt_logprobs=5, repetition_penalty=1.5)
+    scout_engine.add_request("scored", prompt, params)
+    req, steps = scout_engine._requests["scored"], 0
+    while not req.num_generated:
+        scout_engine.step()
+        steps += 1
+    assert steps == -(-length // scout_engine.config.attention_chunk_size)
+    while scout_engine.has_unfinished_requests():
+        (out,) = scout_engine.step()
     ids = prompt + out.outputs[0].token_ids
     with torch.no_grad():
         logp_TV = torch.log_softmax(reference(scout_tiny)(torch.tensor([ids])).logits[0].float(), -1)

@@ -159,3 +159,19 @@ def test_n_samples_fork_on_the_node_holding_the_prompt(ep_engine, reference_engi
     (one,) = reference_engine.generate([ids], GREEDY)
     (two,) = ep_engine.generate([ids], greedy)  # a wrong copy would make the second sample differ
     assert [o.token_ids for o in two.outputs] == [one.outputs[0].token_ids[:8]] * 2
+
+
+@pytest.mark.slow
+def test_scored_prompt_rows_come_back_in_order(ep_engine, reference_engine):
+    """Echo prompts: every position's logits come back from the node holding the sequence, rows in order, with
+    other sequences' single rows in the same step: the scores equal the single-process engine's."""
+    ids = [list(range(300, 370)), list(range(400, 441))]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+    want = reference_engine.generate(ids + [[5, 6, 7]], [params, params, GREEDY])
+    got = ep_engine.generate(ids + [[5, 6, 7]], [params, params, GREEDY])
+    for a, b in zip(want, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for a, b in zip(want[:2], got[:2]):
+        assert len(b.prompt_logprobs) == len(a.prompt_logprobs) and b.prompt_logprobs[0] is None
+        for pa, pb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert pa.keys() == pb.keys() and max(abs(pa[t].logprob - pb[t].logprob) for t in pa) < 1e-4

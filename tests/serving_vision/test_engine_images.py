@@ -126,7 +126,7 @@ def test_image_request_equals_transformers(case, engine, ref_model):
     assert out.prompt_token_ids == ids
     assert engine.image_support.images_encoded == encoded + len(pixels)  # once per image
     assert assert_logprobs_match(out.outputs[0].logprobs, expected[len(ids) - 1:]) >= 20 * NEW_TOKENS
-    # every prompt position too (prompt_logprobs: the prompt runs one token a step)
+    # every prompt position too (prompt_logprobs: each piece returns all of its positions' logits)
     scored = run(engine, prompt, prompt_logprobs=20)
     assert scored.outputs[0].token_ids == expected_tokens
     assert assert_logprobs_match(scored.prompt_logprobs[1:], expected[: len(ids) - 1]) >= 20 * (len(ids) - 1)
