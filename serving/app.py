@@ -13,6 +13,8 @@ whole model copies, and the engine places its workers in that group.
 # (Serve rebuilds the ingress class, and string annotations then resolve to nothing, giving 422s).
 
 import logging
+import os
+import uuid
 
 from fastapi import FastAPI, Request
 from ray import serve
@@ -64,11 +66,15 @@ class Ingress:
                                    metrics_require_key=self.args.metrics_require_key)
         self.server.call_model = self._call_model
         self.server.prefix_cache_per_api_key = self.args.prefix_cache_per_api_key
+        self.ingress_id = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._reported: dict | None = None
+        self._pusher = None
 
     async def _call_model(self, kind: str, job: dict) -> dict:
         return await self.model.tokenizer_job.remote(job)
 
     async def _generate(self, job: dict):
+        self._ensure_pusher()
         stream = self.model.options(stream=True).generate.remote(job)
         try:
             async for item in stream:
@@ -79,7 +85,34 @@ class Ingress:
     async def _metrics(self) -> bytes:
         from serving.api.metrics import render
 
+        await self._report_counters()  # this ingress's own count is exact in its own answer
         return render(await self.hub.collect.remote(), self.args.model_name)
+
+    async def _report_counters(self) -> None:
+        """Push this ingress's licensing counters to the hub (cumulative: a repeat changes nothing)."""
+        from serving.usage import recorder_counters
+
+        counters = recorder_counters(self.recorder)
+        if counters != self._reported:
+            await self.hub.report_ingress.remote(self.ingress_id, counters)
+            self._reported = counters
+
+    async def _push_counters(self) -> None:
+        """Every few seconds, so /metrics on any ingress shows the lost events of every ingress."""
+        import asyncio
+
+        while True:
+            try:
+                await self._report_counters()
+            except Exception as e:  # metrics must never take the ingress down
+                log.warning("ingress counters push failed: %s", e.__class__.__name__)
+            await asyncio.sleep(5.0)
+
+    def _ensure_pusher(self) -> None:
+        import asyncio
+
+        if self._pusher is None or self._pusher.done():
+            self._pusher = asyncio.get_running_loop().create_task(self._push_counters())
 
     @web.get("/")
     async def root(self):

@@ -104,3 +104,9 @@ def record_safely(recorder: Recorder, user_id: str, product: str, timestamp: flo
         recorder.record(user_id, product, time.time() if timestamp is None else timestamp)
     except Exception as e:
         log.error("licensing record failed for user %s: %s", log_tag(user_id), e.__class__.__name__)
+
+
+def recorder_counters(recorder: Recorder) -> dict[tuple, float]:
+    """The recorder's counters for /metrics: events it lost (`herd:licensing_dropped_events`); 0 for a NullRecorder
+    (which is said once at start: no tracker, nothing counted)."""
+    return {("herd:licensing_dropped_events",): float(getattr(recorder, "dropped_events", 0))}

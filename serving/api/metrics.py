@@ -45,6 +45,8 @@ COUNTERS = {
     "herd:prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
     "herd:prefix_cache_hits": "Prompt tokens found in the prefix cache (served from cached KV blocks, not computed).",
     "herd:num_preemptions": "Running sequences preempted for KV-cache blocks (freed, recomputed later).",
+    "herd:licensing_dropped_events": "Usage events the licensing tracker lost (its store unreachable and its local "
+                                     "spill full): those users are not counted toward MAU. Alert on any increase.",
 }
 GAUGES = {
     "herd:num_requests_running": "Requests in the engine's running batch.",
@@ -166,6 +168,7 @@ class MetricsHub:
     def __init__(self, clock=time.time):
         self.clock = clock
         self.snapshots: dict[str, tuple[float, dict]] = {}
+        self.ingresses: dict[str, tuple[float, dict]] = {}  # ingress replicas' own counters (never "replicas")
         self.retired: dict = {"counters": {}, "hists": {}}
 
     def report(self, replica_id: str, snapshot: dict) -> None:
@@ -173,17 +176,28 @@ class MetricsHub:
         self.snapshots[replica_id] = (now, snapshot)
         self._forget(now)
 
+    def report_ingress(self, ingress_id: str, counters: dict) -> None:
+        """An ingress replica's own cumulative counters (the licensing tracker's lost events): summed with the
+        model replicas' counters, but not counted as a model replica nor in /health."""
+        now = self.clock()
+        self.ingresses[ingress_id] = (now, {"counters": dict(counters), "hists": {}, "gauges": {}})
+        self._forget(now)
+
     def _forget(self, now: float) -> None:
-        gone = [r for r, (at, _) in self.snapshots.items() if now - at > FORGET_AFTER_S]
-        if not gone:
-            return
-        folded = merge({r: self.snapshots.pop(r) for r in gone}, now, self.retired)
-        self.retired = {"counters": folded["counters"], "hists": folded["hists"]}
+        for table in (self.snapshots, self.ingresses):
+            gone = [r for r, (at, _) in table.items() if now - at > FORGET_AFTER_S]
+            if gone:
+                folded = merge({r: table.pop(r) for r in gone}, now, self.retired)
+                self.retired = {"counters": folded["counters"], "hists": folded["hists"]}
 
     def collect(self) -> dict:
         now = self.clock()
         self._forget(now)
-        return merge(self.snapshots, now, self.retired)
+        merged = merge(self.snapshots, now, self.retired)
+        for _, snap in self.ingresses.values():
+            for key, v in snap["counters"].items():
+                merged["counters"][key] = merged["counters"].get(key, 0.0) + v
+        return merged
 
     def health(self) -> dict:
         """The model replicas' state from their last reports (no generation): see `replica_health`."""

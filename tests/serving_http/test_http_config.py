@@ -85,3 +85,31 @@ def test_engine_counters_are_totals_summed_over_replicas():
     assert "# HELP herd:kv_cache_usage_perc Fraction of KV-cache blocks in use" in text
     # Before any engine reports, the counters read 0, as vLLM's do.
     assert 'herd:prefix_cache_hits_total{model_name="scout"} 0.0' in render(merge({}, now), "scout").decode()
+
+
+def test_lost_licensing_events_reach_metrics_from_every_ingress(tmp_path):
+    """The tracker's dropped events (store down, spill full) are a counter on /metrics, summed over ingress
+    replicas and kept after an ingress goes away; ingresses are not model replicas (num_replicas, /health)."""
+    from licensing import MauTracker
+    from serving.api.metrics import FORGET_AFTER_S, MetricsHub
+    from serving.usage import NullRecorder, recorder_counters
+
+    tracker = MauTracker(store=str(tmp_path / "store"), key=b"k" * 32, flush_interval_s=0, max_buffered_events=10,
+                         spill_dir=str(tmp_path / "spill"), max_spill_bytes=0)
+    for i in range(25):  # no room to spill: every full buffer (10 events) is dropped, counted
+        tracker.record(f"user-{i}", "chat")
+    assert tracker.dropped_events == 20 and recorder_counters(tracker) == {("herd:licensing_dropped_events",): 20.0}
+    clock = [1000.0]
+    hub = MetricsHub(clock=lambda: clock[0])
+    replica = ReplicaMetrics()
+    replica.inc("herd:prompt_tokens", 5.0)
+    hub.report("model-1", replica.snapshot({"heartbeat_age_s": 0.1, "dead": None}))
+    hub.report_ingress("ingress-a", recorder_counters(tracker))
+    hub.report_ingress("ingress-b", {("herd:licensing_dropped_events",): 3.0})
+    hub.report_ingress("ingress-c", recorder_counters(NullRecorder()))
+    text = render(hub.collect(), "scout").decode()
+    assert 'herd:licensing_dropped_events_total{model_name="scout"} 23.0' in text
+    assert 'herd:num_replicas{model_name="scout"} 1.0' in text
+    assert [r["replica"] for r in hub.health()["replicas"]] == ["model-1"]
+    clock[0] += FORGET_AFTER_S + 1  # every one goes silent: totals are kept
+    assert 'herd:licensing_dropped_events_total{model_name="scout"} 23.0' in render(hub.collect(), "scout").decode()
