@@ -112,3 +112,19 @@ def test_bounded_strings_refuse_control_characters(scout_engine):
         assert state.matcher.accept_string(text) is ok, text
     with pytest.raises(ValueError, match="combines 'pattern' with 'minLength'"):
         check_json_schema({"type": "string", "pattern": "^a+$", "maxLength": 3})
+
+
+def test_n_samples_each_follow_the_schema_with_a_grammar_of_their_own(scout_engine, prompts):
+    """n=3 under a JSON schema: each sample advances its own grammar state (a shared one would break at the first
+    differing token), validates, and equals the single request with its derived seed."""
+    spec = StructuredOutputsParams(json=SCHEMA)
+    ids = prompts(10, seed=21)
+    (out,) = scout_engine.generate([ids], SamplingParams(n=3, temperature=1.0, seed=40, max_tokens=80,
+                                                         structured_outputs=spec))
+    singles = scout_engine.generate([ids] * 3, [SamplingParams(temperature=1.0, seed=40 + i, max_tokens=80,
+                                                               structured_outputs=spec) for i in range(3)])
+    assert len({o.text for o in out.outputs}) > 1
+    for got, want in zip(out.outputs, singles):
+        assert got.finish_reason == "stop", got.text
+        jsonschema.validate(json.loads(got.text), SCHEMA)
+        assert got.token_ids == want.outputs[0].token_ids
