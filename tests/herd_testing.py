@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -25,6 +26,18 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+
+
+@contextmanager
+def fp32_engine(path, **kwargs):
+    """An fp32 `LLMEngine` on a checkpoint, shut down after (the fixtures' `with fp32_engine(...) as e: yield e`)."""
+    from serving.engine import LLMEngine
+
+    engine = LLMEngine.from_pretrained(path, dtype="float32", **kwargs)
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
 
 
 LORA_TARGETS = (r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|feed_forward\.shared_expert\."

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from herd_testing import fp32_engine
+
 
 def reference_model(path):
     """transformers' Llama 4 (the released multimodal class) in float32; returns its text `Llama4ForCausalLM`."""
@@ -40,17 +42,11 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def scout_engine(scout_tiny):
-    from serving.engine import LLMEngine
-
-    engine = LLMEngine.from_pretrained(scout_tiny, dtype="float32", max_num_seqs=16, max_model_len=512)
-    yield engine
-    engine.shutdown()
+    with fp32_engine(scout_tiny, max_num_seqs=16, max_model_len=512) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
 def maverick_engine(maverick_tiny):
-    from serving.engine import LLMEngine
-
-    engine = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=16, max_model_len=512)
-    yield engine
-    engine.shutdown()
+    with fp32_engine(maverick_tiny, max_num_seqs=16, max_model_len=512) as engine:
+        yield engine

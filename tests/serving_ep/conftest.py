@@ -21,11 +21,10 @@ def prompts() -> list[str]:
 @pytest.fixture(scope="package")
 def reference_engine(maverick_tiny):
     """The single-process engine (fp32) every expert-parallel layout must match."""
-    from serving.engine import LLMEngine
+    from herd_testing import fp32_engine
 
-    engine = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=256)
-    yield engine
-    engine.shutdown()
+    with fp32_engine(maverick_tiny, max_num_seqs=8, max_model_len=256) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="package")

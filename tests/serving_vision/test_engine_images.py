@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from herd_testing import fp32_engine
 from serving.engine import SamplingParams
 from serving.engine.scheduler import RequestStatus
 
@@ -32,22 +33,15 @@ def image(name: str) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def engine(maverick_tiny):
-    from serving.engine import LLMEngine
-
-    eng = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=512)
-    yield eng
-    eng.shutdown()
+    with fp32_engine(maverick_tiny, max_num_seqs=8, max_model_len=512) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
 def small_steps_engine(maverick_tiny):
     """At most 5 tokens a step: prefill pieces cut the <|patch|> runs and cross the 32-token attention chunks."""
-    from serving.engine import LLMEngine
-
-    eng = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=512,
-                                    max_num_batched_tokens=5)
-    yield eng
-    eng.shutdown()
+    with fp32_engine(maverick_tiny, max_num_seqs=8, max_model_len=512, max_num_batched_tokens=5) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
