@@ -15,6 +15,10 @@ counts only as far as both layer types still hold it: the global blocks up to th
 the chunk that contains the hit's end. Blocks are reference counted, so sequences share hit blocks; a block that
 is shared is never written (a request's own last, partial block is always its own).
 
+Fork (n samples of one prompt): a sample joins the sequence that computed the prompt by sharing its full blocks
+and getting a device copy of its partial last block (`fork`, `pending_copies`, `copies_done`): the prompt is
+computed once for all n.
+
 With expert parallelism each node's workers hold their own pools; `KVCacheManager` keeps one pair per node and
 places a new sequence on the node that holds its prefix, else the one with the most free blocks.
 """

@@ -280,7 +280,7 @@ class LLMEngine:
         prompt is computed once for all n. A sample that finds no free block or no free `max_num_seqs` place
         waits in the queue like a new request instead (its prompt then comes from the prefix cache, all but the
         last block)."""
-        out, rows = [], []
+        out, rows, queued = [], [], []
         for row, req in enumerate(reqs):
             out.append(req)
             rows.append(row)
@@ -298,7 +298,8 @@ class LLMEngine:
                         rows.append(row)
                         continue
                     self.kv.free(sample.seq_id)
-                self.scheduler.waiting.appendleft(sample)
+                queued.append(sample)
+        self.scheduler.waiting.extendleft(reversed(queued))  # first in the queue, in index order
         return out, logits_NV[rows]
 
     def _score_prompt(self, req: Request, chunk, logits_KV: torch.Tensor) -> None:

@@ -11,6 +11,8 @@ one-token case, prefill the long one, so both mix freely in one step (vLLM v1's 
   a long prompt, which is prefilled over several steps;
 - a piece never crosses a multiple of `attention_chunk_size` (the model's chunked-attention ring needs it).
 Requests join between steps and leave the moment they finish or are aborted (their blocks are freed at once).
+The samples of an n > 1 request other than the first join the running set without a prefill (`start_forked`):
+the engine forks them from the first once its prompt is computed.
 """
 from __future__ import annotations
 
