@@ -51,3 +51,19 @@ def test_cuda_paged_cache_prefix_hits_and_preemption_stay_exact(maverick_tiny, r
         for i, (token, position) in enumerate(zip(got.token_ids, got.logprobs)):
             assert abs(position[token].logprob - lp[len(ids) - 1 + i, token].item()) < 1e-4
     ref.to("cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_n_samples_fork_and_scored_prompts(maverick_tiny, prompts):
+    """n samples fork on the device (the partial block copied by CUDA index_copy) and equal the CPU engine's
+    seeded samples' greedy twins; a scored prompt's rows come back in one piece per chunk."""
+    cuda = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", device="cuda", max_num_seqs=8, max_model_len=256)
+    ids = prompts(45, seed=95)  # a partial last block
+    (greedy,) = cuda.generate([ids], SamplingParams(n=3, temperature=0.0, max_tokens=20, ignore_eos=True))
+    (one,) = cuda.generate([ids], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    assert [o.token_ids for o in greedy.outputs] == [one.outputs[0].token_ids] * 3
+    cpu = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", max_num_seqs=8, max_model_len=256)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    (a,), (b,) = cuda.generate([ids], params), cpu.generate([ids], params)
+    assert max(abs(pa[t].logprob - pb[t].logprob) for pa, pb, t in
+               zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], ids[1:])) < 1e-4
