@@ -55,8 +55,9 @@ def test_cuda_paged_cache_prefix_hits_and_preemption_stay_exact(maverick_tiny, r
 
 @pytest.mark.gpu
 def test_cuda_n_samples_fork_and_scored_prompts(maverick_tiny, prompts):
-    """n samples fork on the device (the partial block copied by CUDA index_copy) and equal the CPU engine's
-    seeded samples' greedy twins; a scored prompt's rows come back in one piece per chunk."""
+    """n greedy samples fork on the device (the partial block copied with CUDA index_copy) and each equals the
+    single greedy request (a bad copy would change the later samples); a scored prompt's log-probabilities, every
+    row of a piece at once, equal the CPU engine's."""
     cuda = LLMEngine.from_pretrained(maverick_tiny, dtype="float32", device="cuda", max_num_seqs=8, max_model_len=256)
     ids = prompts(45, seed=95)  # a partial last block
     (greedy,) = cuda.generate([ids], SamplingParams(n=3, temperature=0.0, max_tokens=20, ignore_eos=True))
