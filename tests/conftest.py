@@ -21,6 +21,13 @@ os.environ.setdefault("HERD_CACHE_DIR", os.path.join(_REPO, ".cache", "herd"))
 # Libraries that would otherwise write under ~ (matplotlib's font cache for loss plots, Hugging Face's cache).
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_REPO, ".cache", "matplotlib"))
 os.environ.setdefault("HF_HOME", os.path.join(_REPO, ".cache", "huggingface"))
+# Ray (2.60+) turns token auth on for a new local cluster (`herd serve`, `make demo` in a subprocess) and, finding
+# no token, writes one to ~/.ray/auth_token. A token of the session's own, in the environment that every Ray
+# process here inherits, means none is read from or written to the user's home.
+if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    import secrets
+
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 import socket
 import subprocess
@@ -36,6 +43,18 @@ torch.set_num_threads(1)
 
 
 from herd_testing import free_port, wait_port as _wait_port  # noqa: E402,F401  (re-exported)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def home_untouched():
+    """The suite never writes Ray's token or herd's caches under the user's home (checked when the session ends:
+    a test that starts Ray or a cache without the environment above shows up here)."""
+    home = Path.home()
+    watched = [home / ".ray" / "auth_token", home / ".cache" / "herd"]
+    before = {p: p.stat().st_mtime if p.exists() else None for p in watched}
+    yield
+    changed = [str(p) for p in watched if (p.stat().st_mtime if p.exists() else None) != before[p]]
+    assert not changed, f"the test session wrote under the user's home: {changed}"
 
 
 @pytest.fixture(scope="session")
