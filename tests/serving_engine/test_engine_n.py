@@ -118,3 +118,60 @@ def test_n_is_validated():
     for bad in (0, 129, 2.0, True):
         with pytest.raises(ValueError, match="n must be an integer from 1 to 128"):
             SamplingParams(n=bad)
+
+
+def test_samples_preempted_in_a_small_pool_still_equal_single_requests(maverick_tiny, prompts):
+    """A pool too small for four growing samples (2 chunked-layer blocks): one sample forks, two find no block for
+    their copy and queue, and the newest are preempted as they grow and recomputed from the prefix cache; every
+    sample still equals the single request with its seed, and every block comes back."""
+    from llama4.config import TextConfig
+
+    cfg = TextConfig.from_pretrained(maverick_tiny)
+    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    tight = LLMEngine.from_pretrained(maverick_tiny, max_num_seqs=8, max_model_len=256, mean_sequence_tokens=96,
+                                      kv_cache_memory_bytes=(16 + 5) * 16 * per_layer + (2 + 2) * 16 * per_layer * 3)
+    ids = prompts(45, seed=340)
+    kw = dict(max_tokens=70, ignore_eos=True, logprobs=0)
+    (out,) = tight.generate([ids], SamplingParams(n=4, seed=8, **kw))
+    assert tight.stats().num_preemptions > 0
+    roomy = LLMEngine.from_pretrained(maverick_tiny, max_num_seqs=8, max_model_len=256)
+    for got, want in zip(out.outputs, _singles(roomy, ids, 8, 4, **kw)):
+        _assert_same(got, want)
+    assert tight.kv.blocks_in_use() == {GLOBAL: 0, CHUNKED: 0}
+    tight.shutdown()
+    roomy.shutdown()
+
+
+def test_fork_shares_full_blocks_copies_the_partial_one_and_lets_go_of_its_source(maverick_tiny):
+    """The block manager alone: what a fork holds, the copy it asks for, and that the copy's source is held until
+    the copy ran (`copies_done`) or the sample is freed (preempted before its first step); a fork without a free
+    block takes nothing."""
+    import torch
+
+    from llama4.config import TextConfig
+    from serving.engine.kv_cache import KVCacheManager, plan_kv_cache
+
+    plan = plan_kv_cache(TextConfig.from_pretrained(maverick_tiny), 256, torch.float32, max_num_seqs=2)
+    assert (plan.global_blocks, plan.chunked_blocks) == (32, 4)
+    kv = KVCacheManager(plan)
+    for parent, child in ((1, 2), (3, 4)):
+        ids = list(range(100 * parent, 100 * parent + 45))  # 2 full blocks, a partial one; chunk [32, 64) has it
+        assert kv.admit(parent, ids) == 0 and kv.grow(parent, 45)
+        kv.computed(parent, ids, 45)
+        assert kv.fork(parent, child, 45)
+    (_, g1, cs1, c1), (_, g2, cs2, c2) = kv.tables(1), kv.tables(2)
+    assert g2[:2] == g1[:2] and len(g2) == 3 and g2[2] not in g1 and cs1 == cs2 == 32
+    assert len(c1) == len(c2) == 1 and c1 != c2
+    assert kv.pending_copies(2) == [(GLOBAL, g1[2], g2[2]), (CHUNKED, c1[0], c2[0])]
+    assert kv.blocks_in_use() == {GLOBAL: 8, CHUNKED: 4}  # per prompt: 3 + the child's copy; chunked 1 + 1
+    kv.free(1)  # the parent finishes first: its partial blocks stay held as the pending copy's sources
+    assert kv.blocks_in_use() == {GLOBAL: 8, CHUNKED: 4}
+    kv.free(2)  # preempted before its first step: the sources go with it
+    assert kv.blocks_in_use() == {GLOBAL: 4, CHUNKED: 2}
+    kv.copies_done(4)  # the copy ran: the sources are the parent's alone again
+    kv.free(3)
+    assert kv.blocks_in_use() == {GLOBAL: 3, CHUNKED: 1} and kv.pending_copies(4) == []
+    assert kv.admit(5, list(range(500, 545))) == 0 and kv.grow(5, 64)  # two more chunked blocks
+    assert kv.admit(6, list(range(600, 645))) == 0 and kv.grow(6, 45)  # the last one
+    before = kv.blocks_in_use()
+    assert not kv.fork(6, 7, 45) and not kv.holds(7) and kv.blocks_in_use() == before
