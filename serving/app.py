@@ -67,7 +67,6 @@ class Ingress:
         self.server.call_model = self._call_model
         self.server.prefix_cache_per_api_key = self.args.prefix_cache_per_api_key
         self.ingress_id = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._reported: dict | None = None
         self._pusher = None
 
     async def _call_model(self, kind: str, job: dict) -> dict:
@@ -89,13 +88,11 @@ class Ingress:
         return render(await self.hub.collect.remote(), self.args.model_name)
 
     async def _report_counters(self) -> None:
-        """Push this ingress's licensing counters to the hub (cumulative: a repeat changes nothing)."""
+        """Push this ingress's licensing counters to the hub: cumulative, so a repeat changes nothing, and sent
+        every time, so a restarted (empty) hub has them back within one push."""
         from serving.usage import recorder_counters
 
-        counters = recorder_counters(self.recorder)
-        if counters != self._reported:
-            await self.hub.report_ingress.remote(self.ingress_id, counters)
-            self._reported = counters
+        await self.hub.report_ingress.remote(self.ingress_id, recorder_counters(self.recorder))
 
     async def _push_counters(self) -> None:
         """Every few seconds, so /metrics on any ingress shows the lost events of every ingress."""
