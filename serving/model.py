@@ -470,12 +470,17 @@ class Transformer(nn.Module):
     def copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:
         """Copy KV-cache blocks, (kind, source, destination) with kind "global" or "chunked" (the layers whose pool
         holds them): a forked sample's own copy of its prompt's partial last block."""
-        for layer in self.layers:
-            kind = "chunked" if layer.self_attn.use_rope else "global"
+        device = self.embed_tokens.weight.device
+        index = {}  # kind -> (source blocks, destination blocks), built once for all layers of that kind
+        for kind in ("global", "chunked"):
             pairs = [(src, dst) for k, src, dst in copies if k == kind]
             if pairs:
-                attn = layer.self_attn
-                src_B, dst_B = (torch.tensor(ix, device=attn.cache_k.device) for ix in zip(*pairs))
+                index[kind] = tuple(torch.tensor(ix, device=device) for ix in zip(*pairs))
+        for layer in self.layers:
+            attn = layer.self_attn
+            src_dst = index.get("chunked" if attn.use_rope else "global")
+            if src_dst is not None:
+                src_B, dst_B = src_dst
                 attn.cache_k.index_copy_(0, dst_B, attn.cache_k.index_select(0, src_B))
                 attn.cache_v.index_copy_(0, dst_B, attn.cache_v.index_select(0, src_B))
 

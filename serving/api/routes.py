@@ -361,7 +361,7 @@ class OpenAIServer:
 
 def _ends(item: dict) -> bool:
     """The stream's final item (all its samples done), or a failure."""
-    return bool(item.get("last", item.get("finish_reason")) or item.get("failed"))
+    return bool(item.get("last") or item.get("failed"))
 
 
 async def _merge(firsts: list[dict], streams: list):

@@ -430,8 +430,9 @@ class KVCacheManager:
         return True
 
     def pending_copies(self, seq_id: int) -> list[tuple[str, int, int]]:
-        """Block copies the device must make before this sequence's next step (a fork's partial block)."""
-        return list(self.seqs[seq_id].copies)
+        """Block copies the device must make before this sequence's next step (a fork's partial block). The list
+        itself, not a copy (this runs for every piece of every step); `copies_done` replaces it, never edits it."""
+        return self.seqs[seq_id].copies
 
     def copies_done(self, seq_id: int) -> None:
         """The device made the sequence's copies: let go of their sources."""
